@@ -1,0 +1,184 @@
+"""Load and save Qwen2 checkpoints in the HF layout (config.json + safetensors, single or sharded).
+
+The model is built on the meta device and the checkpoint's tensors are assigned into it, so a model never holds two
+copies of its weights. Saving writes the same layout back (tied LM head omitted, as HF does), into a temporary
+directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model.config import DTYPE_NAMES, Qwen2Config
+from model.errors import UserError
+from model.qwen2 import Qwen2ForCausalLM
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.model"]
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are very slow there), bfloat16 on CUDA, unless named."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise UserError(f"--dtype {name} is not supported; choose one of {', '.join(DTYPE_NAMES)}.")
+    return getattr(torch, name)
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local HF-layout directory, or a hub id downloaded (and cached) with huggingface-hub."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file; --model needs a checkpoint directory (config.json + safetensors).")
+        return path
+    name = str(name_or_path)
+    if not HUB_ID.match(name):
+        raise UserError(f"model directory {path} does not exist; pass an existing directory or a hub id like "
+                        f"Qwen/Qwen2.5-0.5B.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise UserError(f"{name} is neither a local directory nor a model on the hub; check the spelling.")
+    except (LocalEntryNotFoundError, OSError, ConnectionError) as e:  # offline, DNS failure, timeout
+        raise UserError(f"could not download {name} from the hub and no cached copy exists ({type(e).__name__}); "
+                        f"connect to the network once or pass a local checkpoint directory.")
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e}); restore it from the checkpoint.")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        raise UserError(f"{model_dir} has no model.safetensors nor {SAFE_INDEX}; point --model at an HF checkpoint "
+                        f"saved in safetensors format.")
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is listed in {index} but missing; re-download the checkpoint.")
+    return files
+
+
+def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
+               ) -> tuple[Qwen2ForCausalLM, Path]:
+    """Build the decoder from config.json and assign the safetensors weights into it. Returns (model, model_dir)."""
+    device = device or default_device()
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, device)
+    model_dir = resolve_model_dir(name_or_path)
+    config = Qwen2Config.from_hf(model_dir)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    state: dict[str, torch.Tensor] = {}
+    for file in _checkpoint_files(model_dir):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints store the shared matrix twice
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise UserError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it.")
+
+    problems = [f"missing {k} {list(s)}" for k, s in expected.items() if k not in state]
+    problems += [f"unexpected {k} {list(state[k].shape)}" for k in state if k not in expected]
+    problems += [f"{k} has shape {list(state[k].shape)}, config.json implies {list(s)}"
+                 for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
+    if problems:
+        raise UserError(f"{model_dir} does not match its config.json: " + "; ".join(problems) + ".")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval(), model_dir
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    return shards
+
+
+def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a complete temp directory to out_dir; an existing out_dir is replaced only after the new one is whole."""
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_model(model: Qwen2ForCausalLM, out_dir: str | Path, tokenizer=None, source_dir: str | Path | None = None,
+               max_shard_bytes: int = 2 * 1024**3, extra_writer=None) -> Path:
+    """Write an HF-layout checkpoint: config.json, model.safetensors (sharded past max_shard_bytes), tokenizer files,
+    and generation_config.json from source_dir. `extra_writer(tmp_dir)` may add files (e.g. training state) so that
+    they land atomically with the weights."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        dtype = next(iter(state.values())).dtype
+        config = model.config.to_hf()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shards = _shards(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
+            shutil.copy(Path(source_dir) / "generation_config.json", tmp / "generation_config.json")
+        if extra_writer is not None:
+            extra_writer(tmp)
+        atomic_replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,206 @@
+"""The Qwen2 decoder in plain PyTorch.
+
+Parameter names mirror the HF checkpoint (`model.layers.0.self_attn.q_proj.weight`, ...), so loading is a key check
+plus `load_state_dict(assign=True)` and saving is the identity. Shapes use B batch, T query length, S key length,
+H query heads, K key/value heads, D head dim, C hidden size, V vocabulary.
+
+Numerics follow the reference implementation: RMSNorm and the rotary angles in fp32, cast back to the compute dtype;
+attention through `scaled_dot_product_attention` with grouped-query heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import Qwen2Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of HF's half-rotation rotary layout for integer positions (B, T) -> two (B, 1, T, D) tensors."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    angles = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, D)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: one (B, K, max_len, D) pair per layer.
+
+    The model writes each forward's new keys at [length, length + T) and advances `length` once per forward.
+    Which cached positions are real (rather than left padding) is the caller's attention mask.
+    """
+
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full (asked for {end})")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, K, S, D)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. to drop finished sequences)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        c = config.hidden_size
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """`mask` is a boolean (B, 1, T, S) mask, or None for plain causal attention (or, with one new token after a
+        cache, attention to every cached key)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # Without a mask SDPA can pick its fastest kernel. Its is_causal aligns the mask top-left, which is right only
+        # when queries and keys start together (no cache); a single decode query needs no mask at all.
+        causal = mask is None and q.shape[2] == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tensor | None = None,
+                         document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, S) mask, True where a query may attend to a key.
+
+    Queries are the last `q_len` of the `k_len` positions (a KV cache holds the first ones). `key_padding` (B, S) is
+    1 for real tokens; `document_ids` (B, T) confines attention to each packed document (no cache with packing).
+    A query always sees itself, so a padding query still has one key and its (ignored) output stays finite
+    rather than NaN, which would otherwise leak into real positions through 0 * NaN in later layers.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]  # (B, 1, T, S)
+    if document_ids is not None:
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])  # (B, 1, T, T)
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head (again after `load_state_dict(assign=True)` replaced it)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T); default: past length + arange(T)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, covering cached + new positions
+        document_ids: torch.Tensor | None = None,  # (B, T) packed-document index of each position
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or the final normed hidden states (B, T, C) with `return_hidden`.
+
+        `last_only` keeps only the last position before the LM head (prefill during generation).
+        With no attention_mask and no document_ids, attention is plain causal: right padding needs no mask,
+        since real tokens never attend to the pad tokens after them.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None
+        if attention_mask is not None or document_ids is not None or (past > 0 and T > 1):
+            mask = build_attention_mask(T, past + T, x.device, attention_mask, document_ids)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)  # (B, T, C)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)

@@ -1,0 +1,209 @@
+"""Generate text from a Qwen2 checkpoint with a KV cache.
+
+    python sample.py --model Qwen/Qwen2.5-0.5B-Instruct --chat --prompt "What is 2+3?" --temperature 0
+    python sample.py --model runs/dft/final --prompts-file prompts.jsonl --num-samples 4 --temperature 1.0
+
+`generate()` is the batched decoding loop that eval.py and GRPO rollouts reuse: prompts of different lengths are
+left-padded into one batch, prefilled once, then decoded one token per step against the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model import KVCache, Qwen2ForCausalLM, UserError, default_device, load_model
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # (B, V)
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the top one always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(
+    model: Qwen2ForCausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...] | list[int] = (),
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Complete each prompt (a list of token ids); returns the new tokens of each, ending with its eos if one came.
+
+    One batch, left-padded. Positions count real tokens only (as the reference implementation's generate does), and
+    padded keys are masked, so a row's tokens do not depend on the other rows. `on_token(next_ids)` is called once
+    per step, e.g. to stream text.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    B, prompt_len = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, prompt_len), pad_id, dtype=torch.long, device=device)
+    key_mask = torch.zeros(B, prompt_len + max_new_tokens, dtype=torch.long, device=device)  # 1 = real token
+    for i, p in enumerate(prompts):
+        ids[i, prompt_len - len(p):] = torch.tensor(p, device=device)
+        key_mask[i, prompt_len - len(p):] = 1
+    padded = any(len(p) != prompt_len for p in prompts)
+    positions = (key_mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    cache = KVCache(model.config, B, prompt_len + max_new_tokens, model.lm_head.weight.dtype, device)
+    logits = model(ids, position_ids=positions, attention_mask=key_mask[:, :prompt_len] if padded else None,
+                   cache=cache, last_only=True)[:, -1]  # (B, V)
+
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = []
+    key_mask[:, prompt_len:] = 1
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = token.masked_fill(finished, pad_id)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        end = prompt_len + step + 1
+        logits = model(token[:, None], position_ids=next_pos, cache=cache,
+                       attention_mask=key_mask[:, :end] if padded else None)[:, -1]
+        next_pos = next_pos + 1
+
+    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]  # (B, steps)
+    results = []
+    eos_set = set(eos_ids)
+    for row in tokens:
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_set), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def generation_eos_ids(model_dir: Path, model: Qwen2ForCausalLM) -> list[int]:
+    """eos ids from generation_config.json (the model's own stop tokens), else from config.json."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        if eos is not None:
+            return list(eos) if isinstance(eos, list) else [int(eos)]
+    return list(model.config.eos_token_ids)
+
+
+def read_prompts_file(path: str) -> list[dict]:
+    """JSONL rows with a "prompt" string or a "messages" list."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompts-file {p} does not exist.")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p} line {n} is not valid JSON ({e}).")
+        if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+            raise UserError(f"{p} line {n} needs a 'prompt' string or a 'messages' list.")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{p} holds no prompts.")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Qwen/Qwen2.5-0.5B)")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    ap.add_argument("--prompts-file", help="JSONL with a 'prompt' string or 'messages' list per line")
+    ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    ap.add_argument("--system", help="system prompt for --chat (default: the template's own)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    ap.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bf16 on CUDA")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args: argparse.Namespace) -> None:
+    from data.tokenizer import load_tokenizer
+
+    rows = [{"prompt": p} for p in args.prompt] + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not rows:
+        raise UserError("give at least one --prompt or a --prompts-file.")
+    device = args.device or default_device()
+    model, model_dir = load_model(args.model, args.dtype, device)
+    tok = load_tokenizer(model_dir)
+    prompts, eos = [], generation_eos_ids(model_dir, model)
+    for row in rows:
+        if args.chat or "messages" in row:
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            if args.system is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": args.system}] + messages
+            prompts.append(tok.encode_prompt(messages))
+        else:
+            prompts.append(tok.encode(row["prompt"]))
+    if args.chat or any("messages" in r for r in rows):
+        eos = sorted(set(eos) | {tok.im_end_id})  # a chat turn ends at <|im_end|>, base models included
+    prompts = [p for p in prompts for _ in range(args.num_samples)]
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stream = len(prompts) == 1
+    streamed: list[int] = []
+    printed = 0
+
+    def on_token(token: torch.Tensor) -> None:
+        nonlocal printed
+        streamed.append(int(token[0]))
+        text = tok.decode(streamed)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+
+    start = time.perf_counter()
+    outputs = generate(model, prompts, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p,
+                       tok.pad_token_id, generator, on_token if stream else None)
+    seconds = time.perf_counter() - start
+    if stream:
+        print()
+    else:
+        for i, out in enumerate(outputs):
+            print(f"=== prompt {i // args.num_samples} sample {i % args.num_samples} ===")
+            print(tok.decode(out, skip_special_tokens=True))
+    n_new = sum(len(o) for o in outputs)
+    print(f"[{n_new} tokens in {seconds:.2f}s: {n_new / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
