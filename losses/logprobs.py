@@ -1,0 +1,103 @@
+"""Per-token log-probabilities of target tokens without ever holding the (tokens x vocabulary) logits.
+
+Every objective in `losses/` consumes log pi(y_t | y_<t) for the trained tokens only. With Qwen2's 151,936-entry
+vocabulary, full logits for 8 x 2048 tokens would take 10 GB in fp32, and autograd would keep them (and the softmax)
+for backward. Instead, the kernel walks the tokens in chunks:
+
+    forward:   for each chunk of n tokens:  z = h W^T  (n, V), in fp32;  logp = z[target] - logsumexp(z)
+    backward:  recompute z for the chunk;   d logp / d z = onehot(target) - softmax(z)
+               grad_h = dz W,   grad_W += dz^T h
+
+so the extra memory is O(chunk x V) whatever the number of tokens, at the price of one more matmul per chunk in
+backward (the same recomputation trade as Liger-Kernel's and TRL's chunked losses). Positions with loss mask 0 are
+dropped before the matmul: prompt tokens cost no LM-head FLOPs at all.
+
+Optionally the kernel also returns each position's entropy H = logsumexp(z) - sum_v softmax(z)_v z_v (a metric of
+the DFT paper), with its gradient dH/dz = -softmax(z) * (log softmax(z) + H).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 512
+
+
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                with_entropy: bool):
+        # hidden (N, C), weight (V, C) in the compute dtype; targets (N,) long.
+        w = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        math = torch.promote_types(hidden.dtype, torch.float32)  # fp32 softmax math for bf16/fp16 inputs
+        logps = torch.empty(n, dtype=math, device=hidden.device)  # (N,)
+        lse = torch.empty_like(logps)  # (N,)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = (hidden[s:e] @ w.T).to(math)  # (n, V)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            if with_entropy:
+                p = (z - lse[s:e, None]).exp_()  # (n, V)
+                entropy[s:e] = lse[s:e] - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.chunk_size, ctx.with_entropy = chunk_size, with_entropy
+        return (logps, entropy) if with_entropy else logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor | None = None):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        math = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=math, device=weight.device) if need_w else None
+        n = hidden.shape[0]
+        rows = torch.arange(min(ctx.chunk_size, n), device=hidden.device)
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            z = (hidden[s:e] @ w.T).to(math)  # (n, V)
+            logp = z.sub_(lse[s:e, None])  # (n, V) log softmax, in place: one (n, V) buffer per chunk
+            g = grad_logps[s:e].to(math)[:, None]  # (n, 1)
+            if ctx.with_entropy and grad_entropy is not None:
+                p = logp.exp()  # (n, V)
+                # dz = -p * (g + g_H * (log p + H)), then + g at the target
+                dz = p.mul_(logp.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None].to(math)).add_(g)).neg_()
+            else:
+                dz = logp.exp_().mul_(-g)  # (n, V) d logp_target / d z = onehot(target) - p
+            dz[rows[: e - s], targets[s:e]] += g[:, 0]
+            dz = dz.to(hidden.dtype)
+            if need_h:
+                grad_h[s:e] = dz @ w  # (n, C)
+            if need_w and dz.dtype == math:
+                grad_w.addmm_(dz.T, hidden[s:e])  # (V, C), accumulated without a (V, C) temporary
+            elif need_w:
+                grad_w += (dz.T @ hidden[s:e]).to(math)  # bf16/fp16 products, accumulated in fp32
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
+    """log softmax(hidden @ weight.T)[target] per row, in fp32, chunk by chunk. hidden (N, C), weight (V, C),
+    targets (N,) -> (N,), or ((N,), (N,)) with the entropy."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
+        return (empty, empty.clone()) if with_entropy else empty
+    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, with_entropy)
+
+
+def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
+    """Run the decoder on a collated batch and return per-token log-probs of its targets, (B, T) fp32, zero where
+    loss_mask is 0 (and the entropy, (B, T), if asked). Only masked-in positions reach the LM head."""
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   document_ids=batch.get("document_ids"), return_hidden=True)  # (B, T, C)
+    keep = batch["loss_mask"].bool()  # (B, T)
+    out = token_logprobs(hidden[keep], model.lm_head.weight, batch["target_ids"][keep], chunk_size, with_entropy)
+    logps, entropy = out if with_entropy else (out, None)
+    full = torch.zeros(keep.shape, dtype=logps.dtype, device=hidden.device)
+    logps = full.masked_scatter(keep, logps)  # (B, T)
+    if with_entropy:
+        entropy = full.masked_scatter(keep, entropy)
+    return (logps, entropy) if with_entropy else logps
