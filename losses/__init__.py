@@ -1,0 +1,42 @@
+"""Training objectives, one file each, all with one contract, so `--loss NAME` is a lookup in `LOSSES` below.
+
+A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of per-token log-probs: `logps` (B, T)
+float32 is log pi_theta of each target token (with grad, computed by `losses/logprobs.py`), `mask` (B, T) is 1 on
+trained tokens, and `batch` carries `sequence_ids` (B, T) (which sequence each position belongs to, -1 on padding;
+several sequences may share a packed row), `num_sequences`, and for the objectives in `NEEDS_REFERENCE` the reference
+model's `ref_logps` (B, T). Hparams are keyword-only and each function takes only its own (see its signature;
+`hparams_for` picks them out of a larger dict). It returns `LossOutput(loss_sum, count, metrics)`: `loss_sum` is a SUM
+over `count` units (tokens or sequences), never a mean, and the training loop divides the sum of `loss_sum` over all
+micro-batches of an optimizer step by the sum of `count` once, so accumulation is exact; `metrics` maps a name to a
+(sum, count) pair of floats that the loop aggregates the same way. A loss never sees logits or the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from losses.common import SFT_NORMS, LossOutput
+from losses.dft import dft_loss
+from losses.minor_sft import minor_sft_loss
+from losses.sft import sft_loss
+from losses.sft_dpo import sft_dpo_loss
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "sft": sft_loss,
+    "dft": dft_loss,
+    "minor_sft": minor_sft_loss,
+    "sft_dpo": sft_dpo_loss,
+}
+
+# Objectives whose batch must carry `ref_logps` from a frozen reference model.
+NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo"}
+
+
+def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `hparams` (e.g. all loss flags of the command line) that objective `name` accepts."""
+    accepted = inspect.signature(LOSSES[name]).parameters
+    return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+__all__ = ["LOSSES", "NEEDS_REFERENCE", "LossOutput", "SFT_NORMS", "hparams_for"]

@@ -1,0 +1,91 @@
+"""What every objective shares: the `LossOutput` it returns and the per-sequence reductions it needs.
+
+Notation in shape comments: B rows, T positions per row, N = batch["num_sequences"] sequences in the micro-batch
+(with packing, several sequences share a row; `batch["sequence_ids"]` (B, T) says which, -1 on padding).
+
+Exact gradient accumulation: a loss returns a SUM (`loss_sum`) and the number of units it sums over (`count`); the
+training loop divides the sum over all micro-batches of an optimizer step by the summed count, once. Metrics follow
+the same rule, as (sum, count) pairs of Python floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# How token losses become one number (the `sft_norm` hparam of sft and dft):
+#   token          sum over all trained tokens of the step / number of those tokens (what HF, verl, torchtune do)
+#   sequence_mean  each sequence's mean over its tokens, then mean over sequences (MinorSFT paper, Eq. 5: "1/m")
+#   sequence_sum   each sequence's sum over its tokens, then mean over sequences (DFT paper, Eq. 1 and Eq. 9)
+SFT_NORMS = ("token", "sequence_mean", "sequence_sum")
+
+
+@dataclass
+class LossOutput:
+    loss_sum: Tensor  # () with grad; a SUM over `count` units, never a mean
+    count: float  # units loss_sum sums over: trained tokens (token-level) or sequences (sequence-level)
+    metrics: dict[str, tuple[float, float]]  # name -> (sum, count), detached; the loop reports sum / count
+
+
+def masked(logps: Tensor, mask: Tensor) -> Tensor:
+    """`logps` with every position under mask 0 set to 0, so whatever the caller left there (garbage, inf, NaN)
+    reaches neither the loss value nor the gradient: masked_fill's backward gives those positions exactly 0."""
+    return logps.masked_fill(mask == 0, 0.0)  # (B, T)
+
+
+def per_sequence_sum(values: Tensor, batch: dict) -> Tensor:
+    """Sum `values` (B, T) over the positions of each sequence -> (N,). Padding (sequence_ids -1) is ignored."""
+    ids = batch["sequence_ids"]  # (B, T)
+    is_real = ids >= 0  # (B, T)
+    total = values.new_zeros(int(batch["num_sequences"]))  # (N,)
+    # Padding is sent to sequence 0 with value 0 rather than filtered out: no data-dependent shape, no device sync.
+    return total.index_add(0, ids.clamp(min=0).flatten(), torch.where(is_real, values, 0.0).flatten())
+
+
+def per_sequence_count(mask: Tensor, batch: dict) -> Tensor:
+    """Number of trained tokens of each sequence -> (N,) float (the paper's answer length m)."""
+    return per_sequence_sum(mask.to(torch.float32), batch)  # (N,)
+
+
+def reduce_token_losses(token_loss: Tensor, mask: Tensor, batch: dict, sft_norm: str) -> tuple[Tensor, Tensor | float]:
+    """(loss_sum, count) of a (B, T) token loss (already 0 under mask 0) under one of SFT_NORMS."""
+    if sft_norm == "token":
+        return token_loss.sum(), mask.sum()
+    if sft_norm == "sequence_mean":
+        seq_len = per_sequence_count(mask, batch).clamp(min=1.0)  # (N,) clamp: a sequence without tokens adds 0
+        return (per_sequence_sum(token_loss, batch) / seq_len).sum(), float(batch["num_sequences"])
+    if sft_norm == "sequence_sum":
+        return token_loss.sum(), float(batch["num_sequences"])
+    raise ValueError(f"sft_norm must be one of {', '.join(SFT_NORMS)}; got {sft_norm!r}")
+
+
+def token_metrics(logps: Tensor, mask: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-token NLL and probability of the targets, comparable across every objective."""
+    n_tokens = mask.sum()
+    return {
+        "nll": (-(logps * mask).sum(), n_tokens),
+        "mean_p": ((logps.exp() * mask).sum(), n_tokens),
+    }
+
+
+def deviation_metrics(log_ratio: Tensor, seq_len: Tensor) -> dict[str, tuple[Tensor, float]]:
+    """MinorSFT paper's metrics of distance from the reference, over N sequences.
+
+    log_ratio (N,) = log pi_theta(y|x) - log pi_ref(y|x) summed over each sequence's tokens; seq_len (N,) = m.
+    "deviation" is the paper's Eq. 8, m_theta = (1/N) sum_i (1/m_i) log_ratio_i (per-token log-ratio, batch mean).
+    """
+    n = float(log_ratio.numel())
+    return {"log_ratio": (log_ratio.sum(), n), "deviation": ((log_ratio / seq_len).sum(), n)}
+
+
+def make_output(loss_sum: Tensor, count: Tensor | float, metrics: dict[str, tuple[Tensor | float, Tensor | float]]
+                ) -> LossOutput:
+    """Package a LossOutput, turning `count` and every metric into Python floats with a single device sync."""
+    flat = [count, *(x for pair in metrics.values() for x in pair)]
+    tensors = [x.detach().reshape(()).double() for x in flat if isinstance(x, Tensor)]
+    host = iter(torch.stack(tensors).tolist() if tensors else [])
+    flat = [next(host) if isinstance(x, Tensor) else float(x) for x in flat]
+    pairs = {name: (flat[1 + 2 * i], flat[2 + 2 * i]) for i, name in enumerate(metrics)}
+    return LossOutput(loss_sum=loss_sum, count=flat[0], metrics=pairs)
