@@ -82,6 +82,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
     """log softmax(hidden @ weight.T)[target] per row, in fp32, chunk by chunk. hidden (N, C), weight (V, C),
     targets (N,) -> (N,), or ((N,), (N,)) with the entropy."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the LM-head matmul runs in the autocast dtype, its softmax in fp32
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
         return (empty, empty.clone()) if with_entropy else empty

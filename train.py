@@ -1,0 +1,498 @@
+"""Fine-tune a Qwen2 model with one of the objectives in losses/.
+
+    python train.py --loss dft --model Qwen/Qwen2.5-0.5B --data HuggingFaceTB/smoltalk --out runs/dft
+    python train.py --loss minor_sft --model runs/sft/final --data train.jsonl --beta 0.04 --out runs/minor
+
+One visible loop for every objective. Each optimizer step:
+  1. takes batch_size x grad_accum examples, split into grad_accum micro-batches;
+  2. for each micro-batch, under the precision context: decoder -> per-token log-probs of the trained tokens
+     (losses/logprobs.py, never the full logits) -> loss function -> backward of its loss *sum*;
+  3. divides the accumulated gradient once by the step's total count (trainable tokens, or sequences for
+     per-sequence objectives), so any split into micro-batches gives the same step: exact gradient accumulation;
+  4. clips, steps AdamW, logs, evaluates and saves on schedule.
+Precision is decided in one place (`Precision`): fp32 master weights always; on CUDA bf16 autocast (default) or fp16
+autocast with our dynamic loss scaler; fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.collate import BatchSampler, collate, pack_rows
+from data.datasets import load_rows, split_holdout, tokenize_rows
+from data.tokenizer import load_tokenizer
+from losses import LOSSES, NEEDS_REFERENCE, SFT_NORMS, hparams_for
+from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
+from model import UserError, default_device, load_model, save_model
+
+STATE_FILE = "training_state.pt"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("objective")
+    g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
+    g.add_argument("--beta", type=float, default=None, help="beta of minor_sft / sft_dpo (default: the loss's own)")
+    g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
+                   help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
+    g.add_argument("--length-normalized-ratio", action="store_true",
+                   help="minor_sft: per-token mean log-ratio instead of the sequence sum")
+    g.add_argument("--ref-model", default=None, help="reference model for minor_sft / sft_dpo (default: --model)")
+    g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
+                   help="precompute reference log-probs once (cached on disk) or keep a live reference model")
+
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a directory, or a hub dataset id")
+    g.add_argument("--data-split", default="train")
+    g.add_argument("--eval-data", default=None, help="held-out data (default: --eval-fraction of --data)")
+    g.add_argument("--eval-split", default="test", help="split of --eval-data")
+    g.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval")
+    g.add_argument("--max-len", type=int, default=1024, help="truncate examples to this many tokens")
+    g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len tokens")
+
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=4, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=int, default=None)
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (never on norms and biases)")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
+
+    g = ap.add_argument_group("system")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype; master weights stay fp32 (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in backward")
+    g.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per chunk in the log-prob kernel")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = ap.add_argument_group("logging and checkpoints")
+    g.add_argument("--out", default="runs/latest", help="output directory")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only final)")
+    g.add_argument("--resume", default=None, help="a step_N directory to continue from, or 'latest' in --out")
+    g.add_argument("--patience", type=int, default=0, help="stop after this many evals without improvement")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of saved weights (float32 keeps resume exact)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision: the one place that decides dtypes.
+
+class DynamicLossScaler:
+    """fp16 loss scaling: multiply the loss by `scale` before backward so small gradients do not flush to zero;
+    on inf/nan gradients skip the step and halve, after `growth_interval` clean steps double."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 1000):
+        self.scale, self.growth_interval, self.clean_steps = scale, growth_interval, 0
+
+    def update(self, grads_finite: bool) -> None:
+        if not grads_finite:
+            self.scale, self.clean_steps = max(self.scale / 2, 1.0), 0
+            return
+        self.clean_steps += 1
+        if self.clean_steps % self.growth_interval == 0:
+            self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.clean_steps = state["scale"], state["clean_steps"]
+
+
+class Precision:
+    def __init__(self, device: str, dtype_name: str | None):
+        cuda = torch.device(device).type == "cuda"
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype_name or ("bfloat16" if cuda else "float32")]
+        if not cuda and self.dtype != torch.float32:
+            print(f"note: {dtype_name} autocast on CPU is very slow; use float32 there", file=sys.stderr)
+        self.device_type = torch.device(device).type
+        self.scaler = DynamicLossScaler() if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, args: argparse.Namespace, total: int, warmup: int) -> float:
+    """Linear warmup from 0 to --lr over `warmup` steps, then --schedule down to --min-lr at `total`."""
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1 - progress
+    return args.min_lr + (args.lr - args.min_lr) * shape
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: str) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # norms and biases
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas),
+                             fused=torch.device(device).type == "cuda")
+
+
+def loss_hparams(args: argparse.Namespace) -> dict:
+    """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
+    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio}
+    return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
+
+
+def micro_batches(step_ids: list[int], examples: list, batch_size: int, pack_len: int | None) -> list[list]:
+    """Split one optimizer step's examples into micro-batches of batch_size examples (or packed rows)."""
+    chosen = [examples[i] for i in step_ids]
+    if pack_len is None:
+        return [chosen[k:k + batch_size] for k in range(0, len(chosen), batch_size)]
+    rows = pack_rows([len(e) for e in chosen], pack_len)  # the rows the sampler made; collate rebuilds each
+    return [[chosen[i] for row in rows[k:k + batch_size] for i in row] for k in range(0, len(rows), batch_size)]
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference log-probs (minor_sft, sft_dpo): computed once by the frozen reference model and cached on disk.
+
+def reference_cache_path(ref_dir: Path, examples: list, chunk_size: int) -> Path:
+    """Keyed by the reference weights (file names, sizes, mtimes) and the exact token ids and masks trained on,
+    which covers the data, the tokenizer and --max-len."""
+    h = hashlib.sha256()
+    for f in sorted(ref_dir.glob("*.safetensors")) + [ref_dir / "config.json"]:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for ex in examples:
+        h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(ex.loss_mask, dtype=np.int8).tobytes())
+    cache_root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+    return cache_root / "ref_logps" / f"{h.hexdigest()[:32]}.pt"
+
+
+@torch.no_grad()
+def precompute_reference(ref_model, examples: list, pad_id: int, batch_size: int, device: str,
+                         precision: Precision, chunk_size: int) -> dict[int, torch.Tensor]:
+    """Per example index: the reference's log-probs of its trained tokens, in order (fp32, on CPU)."""
+    out: dict[int, torch.Tensor] = {}
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False):
+        chunk = [examples[i] for i in order[s:s + batch_size]]
+        batch = to_device(collate(chunk, pad_id), device)
+        with precision.autocast():
+            logps = sequence_logprobs(ref_model, batch, chunk_size).float()  # (B, T)
+        keep = batch["loss_mask"].bool()
+        for row, ex in enumerate(chunk):
+            out[ex.index] = logps[row][keep[row]].cpu()
+    return out
+
+
+def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: str, precision: Precision):
+    ref_model, ref_dir = load_model(ref_spec, torch.float32, device)
+    if args.ref_mode == "live":
+        return ref_model.requires_grad_(False), None
+    path = reference_cache_path(ref_dir, examples, args.chunk_size)
+    if path.is_file():
+        print(f"reference log-probs: reusing {path}")
+        table = torch.load(path)
+    else:
+        print(f"reference log-probs: one pass of {ref_spec} over {len(examples)} examples -> {path}")
+        table = precompute_reference(ref_model, examples, tok.pad_token_id, args.batch_size, device, precision,
+                                     args.chunk_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    del ref_model
+    return None, table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: HF-layout directories plus one training-state file, written atomically.
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, model, tok, model_dir: Path, args, train_state: dict | None) -> None:
+    def extras(tmp: Path) -> None:
+        (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+
+    if args.save_dtype == "bfloat16":
+        model = _cast_copy(model, torch.bfloat16)
+    save_model(model, out_dir, tokenizer=tok, source_dir=model_dir, extra_writer=extras)
+
+
+def _cast_copy(model, dtype):
+    import copy
+    return copy.deepcopy(model).to(dtype)
+
+
+def find_resume_dir(args) -> Path:
+    if args.resume == "latest":
+        steps = sorted(Path(args.out).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        if not steps:
+            raise UserError(f"--resume latest: {args.out} holds no step_N checkpoint to resume from.")
+        return steps[-1]
+    path = Path(args.resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"--resume {path} has no {STATE_FILE}; pass a step_N directory written by train.py.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, examples: list, pad_id: int, batch_size: int, device: str, precision: Precision,
+             chunk_size: int) -> dict:
+    """Mean NLL over the response tokens of held-out examples, and its perplexity."""
+    model.eval()
+    nll, tokens = 0.0, 0.0
+    for s in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[s:s + batch_size], pad_id), device)
+        with precision.autocast():
+            logps = sequence_logprobs(model, batch, chunk_size)
+        nll -= float(logps.sum())
+        tokens += float(batch["loss_mask"].sum())
+    model.train()
+    mean = nll / max(tokens, 1.0)
+    return {"eval_nll": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = args.device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is visible; drop --device to use the CPU.")
+    precision = Precision(device, args.dtype)
+    out = Path(args.out)
+    resume_dir = find_resume_dir(args) if args.resume else None
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # Data: rows -> token ids + loss masks.
+    model_source = str(resume_dir) if resume_dir else args.model
+    model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
+    tok = load_tokenizer(model_dir)
+    rows = load_rows(args.data, args.data_split)
+    examples, stats = tokenize_rows(rows, tok, args.max_len, source=args.data)
+    print(f"data: {stats['rows']} rows from {args.data}, {stats['truncated']} truncated to {args.max_len} tokens, "
+          f"{stats['dropped_empty']} dropped with no trainable token")
+    if args.eval_data:
+        eval_examples, _ = tokenize_rows(load_rows(args.eval_data, args.eval_split), tok, args.max_len, source=args.eval_data)
+    elif args.eval_fraction > 0:
+        examples, eval_examples = split_holdout(examples, args.eval_fraction, args.seed)
+    else:
+        eval_examples = []
+    if not examples:
+        raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
+
+    step_examples = args.batch_size * args.grad_accum
+    sampler = BatchSampler(examples, step_examples, seed=args.seed, pack_len=args.max_len if args.pack else None)
+    steps_per_epoch = len(sampler.epoch_batches(0))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
+
+    # Objective and its reference.
+    loss_fn = LOSSES[args.loss]
+    hparams = loss_hparams(args)
+    ref_model, ref_table = None, None
+    if args.loss in NEEDS_REFERENCE:
+        ref_spec = args.ref_model or args.model
+        ref_model, ref_table = load_or_compute_reference(args, ref_spec, examples, tok, device, precision)
+
+    model.gradient_checkpointing = args.grad_checkpointing
+    model.train()
+    optimizer = make_optimizer(model, args, device)
+    step, epoch, cursor, bad_streak, skipped = 0, 0, 0, 0, 0
+    best_eval, evals_since_best = float("inf"), 0
+    if resume_dir is not None:
+        state = torch.load(resume_dir / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
+        bad_streak, skipped = state["bad_streak"], state["skipped"]
+        best_eval, evals_since_best = state["best_eval"], state["evals_since_best"]
+        if precision.scaler and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        print(f"resumed from {resume_dir} at step {step}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    metrics_file = open(out / "metrics.jsonl", "a" if resume_dir else "w")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"training {args.loss} on {len(examples)} examples: {total_steps} steps of {step_examples} "
+          f"({args.grad_accum} x {args.batch_size}), {n_params / 1e6:.1f}M parameters, {device}, "
+          f"{str(precision.dtype).removeprefix('torch.')}")
+
+    def state_now() -> dict:
+        return {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "cursor": cursor,
+                "bad_streak": bad_streak, "skipped": skipped, "best_eval": best_eval,
+                "evals_since_best": evals_since_best, "rng": rng_state(),
+                "scaler": precision.scaler.state_dict() if precision.scaler else None}
+
+    def log(row: dict) -> None:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    batches = sampler.epoch_batches(epoch)
+    last_row: dict = {}
+    stop_reason = "reached --max-steps" if args.max_steps else "finished the epochs"
+    while step < total_steps:
+        if cursor >= len(batches):
+            epoch, cursor = epoch + 1, 0
+            batches = sampler.epoch_batches(epoch)
+        step_batch = batches[cursor]
+        cursor += 1
+        t0 = time.perf_counter()
+        lr = lr_at(step, args, total_steps, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
+        pack_len = args.max_len if args.pack else None
+        loss_sum, count, n_tokens, n_trained = 0.0, 0.0, 0, 0
+        metric_sums: dict[str, list[float]] = {}
+        for micro in micro_batches(step_batch, examples, args.batch_size, pack_len):
+            batch = to_device(collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table), device)
+            with precision.autocast():
+                logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
+                if ref_model is not None:
+                    with torch.no_grad():
+                        batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
+                result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
+            (result.loss_sum * precision.loss_scale).backward()
+            loss_sum += float(result.loss_sum.detach())
+            count += float(result.count)
+            n_tokens += int((batch["sequence_ids"] >= 0).sum())
+            n_trained += int(batch["loss_mask"].sum())
+            for name, (s, c) in result.metrics.items():
+                acc = metric_sums.setdefault(name, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += c
+
+        # ---- one division per step: the mean over all of the step's tokens (or sequences) ----
+        scale = 1.0 / (max(count, 1.0) * precision.loss_scale)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+        loss = loss_sum / max(count, 1.0)
+        finite = math.isfinite(grad_norm) and math.isfinite(loss)
+        if precision.scaler:
+            precision.scaler.update(finite)
+        if finite:
+            optimizer.step()
+            bad_streak = 0
+        else:
+            skipped += 1
+            bad_streak += 1
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+
+        row = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch,
+               "tokens": n_tokens, "trained_tokens": n_trained, "tokens_per_s": n_tokens / dt, "step_time": dt,
+               **{name: s / max(c, 1e-12) for name, (s, c) in metric_sums.items()}}
+        if not finite:
+            row["skipped"] = True
+        if precision.scaler:
+            row["loss_scale"] = precision.scaler.scale
+        log(row)
+        last_row = row
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", nll=f"{row.get('nll', loss):.4f}", gnorm=f"{grad_norm:.3f}",
+                        lr=f"{lr:.2e}")
+        if args.no_progress:
+            nll = f" nll {row['nll']:.4f}" if "nll" in row and args.loss != "sft" else ""
+            print(f"step {step}/{total_steps} loss {loss:.4f}{nll} grad_norm {grad_norm:.3f} lr {lr:.2e} "
+                  f"{row['tokens_per_s']:.0f} tok/s", flush=True)
+        if bad_streak >= args.max_bad_steps:
+            stop_reason = f"{bad_streak} non-finite steps in a row"
+            print(f"stopping: the loss or gradient was non-finite {bad_streak} steps in a row; lower --lr or use "
+                  f"--dtype bfloat16/float32.", file=sys.stderr)
+            break
+
+        if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision,
+                          args.chunk_size)
+            log({"step": step, "eval": True, **ev})
+            if ev["eval_nll"] < best_eval:
+                best_eval, evals_since_best = ev["eval_nll"], 0
+            else:
+                evals_since_best += 1
+            if args.patience and evals_since_best >= args.patience:
+                stop_reason = f"no eval improvement in {args.patience} evals"
+                break
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            save_checkpoint(out / f"step_{step}", model, tok, model_dir, args, state_now())
+    bar.close()
+
+    summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
+    if eval_examples:
+        ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+        log({"step": step, "eval": True, **ev})
+        summary.update(ev)
+    save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final
+    metrics_file.close()
+    print(f"done ({stop_reason}): {step} steps, {skipped} skipped, final loss {last_row.get('loss', float('nan')):.4f}"
+          + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if eval_examples else "")
+          + f"; checkpoint in {out / 'final'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
