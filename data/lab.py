@@ -1,0 +1,683 @@
+"""The lab: a built-in arithmetic task and its tokenizer, so a loss change shows its effect in minutes on a CPU.
+
+Real runs need Qwen2.5 and hub datasets. The lab needs nothing but this file: word problems with step-by-step
+solutions that end in \\boxed{answer} (the shape of NuminaMath / MATH data), generated from fixed seeds, plus a
+small byte-level BPE tokenizer trained on them and shipped in data/lab_assets/tokenizer/.
+
+    problem:  Mia has 12 marbles. She finds 7 more marbles, then gives away 5 marbles. How many marbles does
+              Mia have now?
+    solution: Mia starts with 12 marbles.
+              She finds 7 more: 12 + 7 = 19.
+              She gives away 5: 19 - 5 = 14.
+              The answer is \\boxed{14}.
+
+Specs (what `--data` accepts): `lab[:split][:layout]`, e.g. `lab`, `lab:test`, `lab:test-hard:prompt`,
+`lab:train:preference`, `lab:pretrain`; `lab:LAYOUT` alone means the train split.
+
+    split       rows  difficulty                                  use
+    train       4000  1-3 steps, 1-2 digit numbers, + - x          SFT / DPO / GRPO
+    test         200  same distribution as train                   in-distribution eval
+    test-hard    200  4-5 steps, 1-3 digit numbers                 more steps than any train row: generalisation
+    pretrain    8000  train distribution, another seed; a quarter  pre-training the tiny base model
+                      phrased as bare instructions for variety
+
+    layout      row (every row also has "id" and "answer", the final number as a string)
+    text        {"text": problem + "\\n" + solution}                           default of `pretrain`
+    messages    {"messages": [system, user, assistant]}                        default of the other splits
+    preference  {"prompt": [system, user], "chosen": [system, user, assistant],
+                 "rejected": [system, user, assistant with one arithmetic slip]}  (UltraFeedback's layout)
+    prompt      {"prompt": [system, user]}                                     GRPO rollouts and eval
+
+What the reader should know:
+
+1. Everything is a pure function of the split's seed (`random.Random(seed)`, no global state): the same split is
+   the same list of rows on every machine and run. Problem texts never repeat within a split, and train and
+   pretrain never contain a test or test-hard problem (they are generated last and skip those texts).
+2. Numbers never go below zero: a subtraction takes at most what there is. Multipliers are single digits, and a
+   step that would give the count more than one digit beyond the difficulty's longest number (999 for 1-2 digit
+   problems) is redrawn, so values stay short.
+3. Digits are single tokens (Qwen2's pre-tokenizer splits every digit), so the model must learn carrying;
+   the lab tokenizer merges only words, and a typical chat row is well under 120 tokens.
+4. The system prompt is LAB_SYSTEM, written into every chat row and also the default of the lab tokenizer's chat
+   template, so a chat without a system turn renders the same.
+5. `extract_boxed` and `answers_match` are the general answer checkers that eval uses for MATH-500 and GSM8K too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import re
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+from data.tokenizer import QWEN2_PATTERN, ChatTokenizer, _atomic_write, load_tokenizer
+from model.errors import UserError
+
+LAB_SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
+
+# Sizes and seeds of the splits; change a size here and every consumer follows.
+SPLIT_SIZES = {"train": 4000, "test": 200, "test-hard": 200, "pretrain": 8000}
+SPLIT_SEEDS = {"train": 1001, "test": 2002, "test-hard": 3003, "pretrain": 4004}
+LAYOUTS = ("messages", "text", "preference", "prompt")
+DEFAULT_LAYOUT = {"train": "messages", "test": "messages", "test-hard": "messages", "pretrain": "text"}
+PRETRAIN_INSTRUCTION_SHARE = 0.25  # share of pretrain rows in the bare "Start with 12. Add 7, ..." phrasing
+
+LAB_ASSETS = Path(__file__).resolve().parent / "lab_assets"
+LAB_TOKENIZER_DIR = LAB_ASSETS / "tokenizer"
+# Upper bound on ids (256 byte symbols + merges + 3 special tokens). The lab corpus saturates first, at about 540:
+# training stops once every word is a single token. A model should size its embedding from the tokenizer.
+LAB_MAX_VOCAB = 1024
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard a problem is: number of operations, digits of the numbers in the problem, allowed operations.
+
+    steps and digits are inclusive (low, high) ranges drawn uniformly; ops is a subset of "+-x", each allowed
+    operation equally likely. Multipliers ("doubles", "3 bags of 4") are single digits and group sizes have at
+    most 2 digits; `digits` governs the start and every amount added or taken away.
+    """
+
+    steps: tuple[int, int] = (1, 3)
+    digits: tuple[int, int] = (1, 2)
+    ops: str = "+-x"
+
+    def __post_init__(self) -> None:
+        for field, (low, high) in (("steps", self.steps), ("digits", self.digits)):
+            if not 1 <= low <= high:
+                raise UserError(f"Difficulty.{field}={(low, high)} must be a range (low, high) with 1 <= low <= high.")
+        if not self.ops or set(self.ops) - set("+-x"):
+            raise UserError(f"Difficulty.ops={self.ops!r} must be a non-empty subset of '+-x'.")
+
+
+TRAIN_DIFFICULTY = Difficulty(steps=(1, 3), digits=(1, 2), ops="+-x")
+HARD_DIFFICULTY = Difficulty(steps=(4, 5), digits=(1, 3), ops="+-x")
+SPLIT_DIFFICULTY = {
+    "train": TRAIN_DIFFICULTY,
+    "test": TRAIN_DIFFICULTY,
+    "test-hard": HARD_DIFFICULTY,
+    "pretrain": TRAIN_DIFFICULTY,
+}
+
+
+# ----- the structured record -----
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation on the running count. add/sub: amount; scale: value x amount; groups: value + amount x size."""
+
+    kind: str  # "add" | "sub" | "scale" | "groups"
+    amount: int
+    size: int = 0  # groups only: the size of each group
+    phrase: int = 0  # which wording of the operation the text uses
+
+    def apply(self, value: int) -> int:
+        if self.kind == "add":
+            return value + self.amount
+        if self.kind == "sub":
+            return value - self.amount
+        if self.kind == "scale":
+            return value * self.amount
+        return value + self.amount * self.size
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A generated problem: the record it was built from, and its texts (the record is the ground truth)."""
+
+    style: str  # "story" ("Mia has 12 marbles. ...") or "instructions" ("Start with 12. Add 7, ...")
+    name: str
+    pronoun: str
+    possessive: str
+    noun: tuple[str, str]  # (singular, plural)
+    start: int
+    steps: tuple[Step, ...]
+    problem: str
+    solution: str
+    rejected_solution: str  # the solution with one arithmetic slip that carries through to a wrong answer
+    answer: int
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def max_digits(self) -> int:
+        """Digits of the longest number written in the problem (start, amounts, group sizes)."""
+        numbers = [self.start] + [s.amount for s in self.steps] + [s.size for s in self.steps if s.kind == "groups"]
+        return max(len(str(n)) for n in numbers)
+
+
+# ----- wording -----
+
+NAMES = (
+    ("Mia", "she", "her"), ("Leo", "he", "his"), ("Ava", "she", "her"), ("Sam", "he", "his"),
+    ("Zoe", "she", "her"), ("Max", "he", "his"), ("Lily", "she", "her"), ("Ben", "he", "his"),
+    ("Emma", "she", "her"), ("Noah", "he", "his"), ("Ruby", "she", "her"), ("Omar", "he", "his"),
+)
+NOUNS = (
+    ("marble", "marbles"), ("apple", "apples"), ("sticker", "stickers"), ("coin", "coins"), ("book", "books"),
+    ("pencil", "pencils"), ("cookie", "cookies"), ("stamp", "stamps"), ("shell", "shells"), ("card", "cards"),
+)
+CONTAINERS = ("bags", "boxes", "packs")
+# Story wording per operation: (problem clause, solution label). {n}: amount, {things}: noun agreeing with {n},
+# {pos}: possessive, {all}: the plural noun, {k}/{size}/{box}: groups.
+STORY_ADD = (("finds {n} more {things}", "finds {n} more"), ("buys {n} more {things}", "buys {n} more"),
+             ("gets {n} more {things} from a friend", "gets {n} more"), ("wins {n} more {things}", "wins {n} more"))
+STORY_SUB = (("gives away {n} {things}", "gives away {n}"), ("loses {n} {things}", "loses {n}"),
+             ("sells {n} {things}", "sells {n}"), ("gives {n} {things} to a friend", "gives away {n}"))
+STORY_SCALE = {2: ("doubles {pos} {all}", "doubles them"), 3: ("triples {pos} {all}", "triples them")}
+STORY_SCALE_ANY = ("ends up with {n} times as many {all}", "has {n} times as many")
+STORY_GROUPS = ("buys {n} {box} of {size} {all}", "buys {n} {box} of {size}")
+
+
+def _plural(n: int, noun: tuple[str, str]) -> str:
+    return noun[0] if n == 1 else noun[1]
+
+
+def _story_clause(step: Step, noun: tuple[str, str], possessive: str) -> tuple[str, str]:
+    """(problem clause, solution label) of one step in the story wording."""
+    fields = dict(n=step.amount, things=_plural(step.amount, noun), pos=possessive, all=noun[1], size=step.size,
+                  box=CONTAINERS[step.phrase % len(CONTAINERS)])
+    if step.kind == "add":
+        clause, label = STORY_ADD[step.phrase % len(STORY_ADD)]
+    elif step.kind == "sub":
+        clause, label = STORY_SUB[step.phrase % len(STORY_SUB)]
+    elif step.kind == "scale":
+        clause, label = STORY_SCALE.get(step.amount, STORY_SCALE_ANY) if step.phrase % 2 == 0 else STORY_SCALE_ANY
+    else:
+        clause, label = STORY_GROUPS
+    return clause.format(**fields), label.format(**fields)
+
+
+def _instruction_clause(step: Step) -> str:
+    """The one wording of a step in the bare-instruction style, used as both clause and label."""
+    if step.kind == "add":
+        return f"add {step.amount}"
+    if step.kind == "sub":
+        return f"subtract {step.amount}"
+    if step.kind == "scale":
+        return f"multiply by {step.amount}"
+    return f"add {step.amount} groups of {step.size}"
+
+
+def _equation(step: Step, value: int, shown: int) -> str:
+    """The step's arithmetic from `value`, with `shown` written as its result (shown != the truth in a slip)."""
+    if step.kind == "add":
+        return f"{value} + {step.amount} = {shown}"
+    if step.kind == "sub":
+        return f"{value} - {step.amount} = {shown}"
+    if step.kind == "scale":
+        return f"{value} x {step.amount} = {shown}"
+    product = step.amount * step.size
+    return f"{step.amount} x {step.size} = {product}, and {value} + {product} = {shown}"
+
+
+def _render(style: str, name: str, pronoun: str, possessive: str, noun: tuple[str, str], start: int,
+            steps: Sequence[Step]) -> tuple[str, list[str], str]:
+    """(problem text, solution step labels, opening line of the solution)."""
+    if style == "instructions":
+        clauses = [_instruction_clause(s) for s in steps]
+        problem = f"Start with {start}. " + ", then ".join(clauses).capitalize() + ". What number do you get?"
+        return problem, [c.capitalize() for c in clauses], f"Start with {start}."
+    story = [_story_clause(s, noun, possessive) for s in steps]
+    subject = pronoun.capitalize()
+    problem = (f"{name} has {start} {_plural(start, noun)}. {subject} " + ", then ".join(c for c, _ in story)
+               + f". How many {noun[1]} does {name} have now?")
+    return problem, [f"{subject} {label}" for _, label in story], f"{name} starts with {start} {_plural(start, noun)}."
+
+
+def _solution(opening: str, labels: Sequence[str], start: int, steps: Sequence[Step],
+              slip_step: int = -1, slip: int = 0) -> tuple[str, int]:
+    """(solution text, its boxed result); with slip, step `slip_step` writes a result off by `slip`, and every
+    later step computes correctly from that wrong number, as a student's slip would carry through."""
+    lines = [opening]
+    value = start
+    for index, (label, step) in enumerate(zip(labels, steps)):
+        shown = step.apply(value) + (slip if index == slip_step else 0)
+        lines.append(f"{label}: {_equation(step, value, shown)}.")
+        value = shown
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    return "\n".join(lines), value
+
+
+# ----- the generator -----
+
+
+# rng.randint and rng.choice cost ~1 us each through _randbelow; these two, built on rng.random(), keep generating
+# every split well under a second. Both are exact functions of the seed, like the originals.
+def _randint(rng: random.Random, low: int, high: int) -> int:
+    return low + int(rng.random() * (high - low + 1))
+
+
+def _choice(rng: random.Random, options: Sequence[Any]) -> Any:
+    return options[int(rng.random() * len(options))]
+
+
+def _draw_number(rng: random.Random, digits: tuple[int, int]) -> int:
+    """A positive number whose digit count is uniform in the range (so 1-digit numbers are as common as 2-digit)."""
+    d = _randint(rng, *digits)
+    return _randint(rng, 10 ** (d - 1), 10**d - 1)
+
+
+def _draw_step(rng: random.Random, value: int, difficulty: Difficulty, cap: int) -> Step:
+    """One operation that keeps the count in [0, cap]; redraws until one fits (a subtraction does while count > 0)."""
+    fallback = None
+    for _ in range(20):
+        # Each allowed operation is equally likely; "x" is half "doubles" (scale), half "buys 3 bags of 4" (groups).
+        kind = {"+": "add", "-": "sub", "x": "scale"}[_choice(rng, difficulty.ops)]
+        if kind == "scale" and rng.random() < 0.5:
+            kind = "groups"
+        phrase = _randint(rng, 0, 11)  # 12 is divisible by every wording count, so each wording is equally likely
+        if kind == "add":
+            step = Step("add", _draw_number(rng, difficulty.digits), phrase=phrase)
+        elif kind == "sub":
+            if value == 0:
+                continue
+            amount = _draw_number(rng, difficulty.digits)
+            step = Step("sub", amount if amount <= value else _randint(rng, 1, value), phrase=phrase)
+        elif kind == "scale":
+            if value == 0:  # "triples her 0 apples" teaches nothing
+                continue
+            step = Step("scale", _choice(rng, (2, 2, 3, 3, 4, 5)), phrase=phrase)
+        else:
+            d = _randint(rng, 1, min(2, difficulty.digits[1]))
+            size = _randint(rng, max(2, 10 ** (d - 1)), 10**d - 1)  # "bags of 1" reads oddly
+            step = Step("groups", _randint(rng, 2, 9), size=size, phrase=phrase)
+        if step.apply(value) <= cap:
+            return step
+        fallback = step
+    # Only "x" allowed and the count already large (let it grow), or only "-" and nothing left to take.
+    return fallback if fallback is not None else Step("sub", 0)
+
+
+def _slip(rng: random.Random, start: int, steps: Sequence[Step]) -> tuple[int, int]:
+    """(step index, offset) of an arithmetic slip that keeps every written number >= 0.
+
+    The final answer always changes: later add/sub/groups steps carry the offset unchanged, and scale steps
+    multiply it by their factor (>= 2), so it never returns to zero.
+    """
+    index = _randint(rng, 0, len(steps) - 1)
+    offsets = [1, -1, 2, -2, 10, -10]
+    rng.shuffle(offsets)
+    values = [start]
+    for step in steps:
+        values.append(step.apply(values[-1]))
+    for offset in offsets:
+        written = [values[index + 1] + offset]
+        for step in steps[index + 1:]:
+            written.append(step.apply(written[-1]))
+        if min(written) >= 0:
+            return index, offset
+    return index, 1  # a positive offset always keeps every number >= 0
+
+
+def generate_problem(rng: random.Random, difficulty: Difficulty, style: str = "story") -> Problem:
+    """One problem drawn from `rng` (the caller owns the generator, so a seeded rng gives a fixed sequence)."""
+    name, pronoun, possessive = _choice(rng, NAMES)
+    noun = _choice(rng, NOUNS)
+    start = _draw_number(rng, difficulty.digits)
+    cap = 10 ** (difficulty.digits[1] + 1) - 1
+    steps: list[Step] = []
+    value = start
+    for _ in range(_randint(rng, *difficulty.steps)):
+        steps.append(_draw_step(rng, value, difficulty, cap))
+        value = steps[-1].apply(value)
+    problem, labels, opening = _render(style, name, pronoun, possessive, noun, start, steps)
+    solution, answer = _solution(opening, labels, start, steps)
+    slip_step, slip = _slip(rng, start, steps)
+    rejected, _ = _solution(opening, labels, start, steps, slip_step, slip)
+    return Problem(style, name, pronoun, possessive, noun, start, tuple(steps), problem, solution, rejected, answer)
+
+
+def generate_problems(seed: int, n: int, difficulty: Difficulty = TRAIN_DIFFICULTY,
+                      instruction_share: float = 0.0, exclude: frozenset[str] = frozenset()) -> list[Problem]:
+    """`n` problems with distinct texts, none in `exclude`, drawn from `random.Random(seed)`."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    problems: list[Problem] = []
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise UserError(f"only {len(problems)} distinct problems found for {n} requested at {difficulty}; "
+                            "widen the difficulty ranges or lower the split size.")
+        style = "instructions" if rng.random() < instruction_share else "story"
+        problem = generate_problem(rng, difficulty, style)
+        if problem.problem not in seen:
+            seen.add(problem.problem)
+            problems.append(problem)
+    return problems
+
+
+@functools.lru_cache(maxsize=None)
+def lab_problems(split: str) -> tuple[Problem, ...]:
+    """The problems of one split (cached: every later call in the process is free)."""
+    if split not in SPLIT_SIZES:
+        raise UserError(f"unknown lab split {split!r}; use one of {', '.join(SPLIT_SIZES)}.")
+    if split in ("test", "test-hard"):
+        return tuple(generate_problems(SPLIT_SEEDS[split], SPLIT_SIZES[split], SPLIT_DIFFICULTY[split]))
+    # Training splits come last and skip every evaluation problem, so no test text is ever trained on.
+    held_out = frozenset(p.problem for s in ("test", "test-hard") for p in lab_problems(s))
+    share = PRETRAIN_INSTRUCTION_SHARE if split == "pretrain" else 0.0
+    return tuple(generate_problems(SPLIT_SEEDS[split], SPLIT_SIZES[split], SPLIT_DIFFICULTY[split], share, held_out))
+
+
+# ----- layouts and specs -----
+
+
+def _prompt_messages(problem: Problem) -> list[dict[str, str]]:
+    return [{"role": "system", "content": LAB_SYSTEM}, {"role": "user", "content": problem.problem}]
+
+
+def to_row(problem: Problem, layout: str, row_id: str) -> dict[str, Any]:
+    """One problem in one layout (a fresh dict: callers may mutate it)."""
+    row: dict[str, Any] = {"id": row_id, "answer": str(problem.answer)}
+    if layout == "text":
+        row["text"] = problem.problem + "\n" + problem.solution
+    elif layout == "messages":
+        row["messages"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.solution}]
+    elif layout == "preference":
+        row["prompt"] = _prompt_messages(problem)
+        row["chosen"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.solution}]
+        row["rejected"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.rejected_solution}]
+    elif layout == "prompt":
+        row["prompt"] = _prompt_messages(problem)
+    else:
+        raise UserError(f"unknown lab layout {layout!r}; use one of {', '.join(LAYOUTS)}.")
+    return row
+
+
+def is_lab_spec(spec: str) -> bool:
+    """True for `lab` and `lab:...` (these names always mean the built-in task, even if a file 'lab' exists)."""
+    return spec == "lab" or spec.startswith("lab:")
+
+
+def parse_lab_spec(spec: str) -> tuple[str, str]:
+    """(split, layout) of `lab[:split][:layout]`; `lab:LAYOUT` alone means the train split."""
+    parts = spec.split(":")
+    valid = (f"use lab[:split][:layout] with split one of {', '.join(SPLIT_SIZES)} "
+             f"and layout one of {', '.join(LAYOUTS)}")
+    if parts[0] != "lab" or len(parts) > 3 or "" in parts:
+        raise UserError(f"dataset spec {spec!r} is not a lab spec; {valid} (e.g. lab:test:prompt).")
+    split, layout = "train", None
+    if len(parts) == 2 and parts[1] in LAYOUTS:
+        layout = parts[1]
+    elif len(parts) >= 2:
+        split = parts[1]
+        layout = parts[2] if len(parts) == 3 else None
+    if split not in SPLIT_SIZES:
+        raise UserError(f"dataset spec {spec!r}: unknown lab split {split!r}; {valid}.")
+    if layout is not None and layout not in LAYOUTS:
+        raise UserError(f"dataset spec {spec!r}: unknown lab layout {layout!r}; {valid}.")
+    return split, layout or DEFAULT_LAYOUT[split]
+
+
+def load_lab(spec: str) -> list[dict[str, Any]]:
+    """The rows of a lab spec, e.g. `lab`, `lab:test-hard`, `lab:train:preference`, `lab:test:prompt`."""
+    split, layout = parse_lab_spec(spec)
+    return [to_row(p, layout, f"lab-{split}-{i:05d}") for i, p in enumerate(lab_problems(split))]
+
+
+# ----- answer checking (also used for MATH-500 and GSM8K) -----
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, nested braces kept (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}).
+
+    None when there is no \\boxed{ or the last one never closes (e.g. a generation cut off mid-answer): the
+    model's final answer is then unknown, and an earlier box is not it. Escaped braces (\\{ \\}) do not count.
+    """
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, i = 1, starts[-1]
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[starts[-1]:i].strip()
+        i += 1
+    return None
+
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\%", "%", "\\$", "$")
+
+
+def normalize_answer(answer: str) -> str:
+    """A light canonical form: no spaces, $, \\text{} wrappers, trailing '.', thousands commas or 'x =' prefix."""
+    s = answer.strip()
+    for token in _DROPPED:
+        s = s.replace(token, "")
+    previous = None
+    while previous != s:  # unwrap nested \text{\textbf{...}} from the inside out
+        previous, s = s, _TEXT_WRAPPER.sub(r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    variable = re.fullmatch(r"[A-Za-z]=(.+)", s)
+    if variable:
+        s = variable.group(1)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    return s
+
+
+def _as_number(s: str) -> Fraction | None:
+    frac = _FRAC.match(s)
+    if frac:
+        sign, numerator, denominator = frac.groups()
+        if int(denominator) == 0:
+            return None
+        value = Fraction(int(numerator), int(denominator))
+        return -value if sign else value
+    try:
+        return Fraction(s)  # ints, decimals ("14.0"), "1/2", "1e3"
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str | None, ref: str) -> bool:
+    """Whether a predicted answer equals the reference: exactly as numbers when both parse, else as normalised text.
+
+    `pred` may be a whole completion: if it holds a \\boxed{}, its last box is the prediction.
+    """
+    if pred is None:
+        return False
+    if _BOXED.search(pred):
+        pred = extract_boxed(pred)
+        if pred is None:
+            return False
+    a, b = normalize_answer(pred), normalize_answer(ref)
+    number_a, number_b = _as_number(a), _as_number(b)
+    if number_a is not None and number_b is not None:
+        return number_a == number_b
+    return a == b
+
+
+# ----- the lab tokenizer -----
+
+
+def _jinja_literal(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
+
+# Qwen2.5-Instruct's chat template without its tool branch, with LAB_SYSTEM as the default system prompt.
+LAB_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\n" + _jinja_literal(LAB_SYSTEM) + "<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first)"
+    " or (message.role == \"assistant\") %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def _tokenizer_corpus() -> list[str]:
+    """The lab tokenizer's training text: each distinct line of every split's text rows once, plus the chat pieces.
+
+    Distinct lines, not all rows: pre-tokenizing with Qwen2's regex runs at ~1 MB/s, and the rows repeat their
+    lines heavily. The vocabulary saturates below LAB_MAX_VOCAB (every word of the corpus ends as one token), so
+    counts decide only the order of merges and which partial words appear on the way, not how a lab word encodes.
+    Lines keep their '\n', so '.\n' is learned as one token as in the rows; the chat layout adds only the role
+    names and the system prompt ('?' before <|im_end|> is a single byte). Sorted, because set order is not stable.
+    """
+    lines = {"system\n", "user\n", "assistant\n", LAB_SYSTEM}
+    for split in SPLIT_SIZES:
+        for problem in lab_problems(split):
+            lines.update((problem.problem + "\n" + problem.solution).splitlines(keepends=True))
+    return sorted(lines)
+
+
+def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
+    """Train the lab's byte-level BPE on the lab corpus and write tokenizer.json + tokenizer_config.json.
+
+    The pipeline is Qwen2's (NFC, Qwen2's split regex, byte-level symbols and decoder), so digits stay single
+    tokens. The special tokens follow the BPE vocabulary, in Qwen's order. The result is a pure function of the
+    corpus: the trainer breaks ties in pair counts by pair ids, so it is byte-for-byte reproducible.
+    """
+    tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = BpeTrainer(
+        vocab_size=LAB_MAX_VOCAB - len(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so any text encodes
+        special_tokens=[],
+    )
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    first_special = tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+    added = {
+        str(first_special + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                 "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    # Mirrors Qwen2.5-Instruct: chats end with <|im_end|> (eos), <|endoftext|> pads.
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": LAB_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 2048,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "tokenizer.json", (tokenizer.to_str(pretty=True) + "\n").encode("utf-8"))
+    _atomic_write(out / "tokenizer_config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    return out
+
+
+def token_stats(split: str, tokenizer: ChatTokenizer | None = None) -> dict[str, float]:
+    """Mean and max tokens of a chat-formatted `messages` row (system + user + assistant) of one split."""
+    tokenizer = tokenizer or load_tokenizer(LAB_TOKENIZER_DIR)
+    lengths = [len(tokenizer.apply_chat_template(r["messages"])) for r in load_lab(f"lab:{split}:messages")]
+    return {"rows": len(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}
+
+
+# ----- command line -----
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    print(f"== {row['id']}  (answer {row['answer']})")
+    for key, value in row.items():
+        if key in ("id", "answer"):
+            continue
+        if isinstance(value, list):
+            for message in value:
+                print(f"[{key} / {message['role']}]\n{message['content']}")
+        else:
+            print(f"[{key}]\n{value}")
+    print()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.lab", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-tokenizer", help="retrain the lab tokenizer and write it to --out")
+    build.add_argument("--out", default=str(LAB_TOKENIZER_DIR), help="output directory (default: the shipped one)")
+    show = commands.add_parser("show", help="print a few rows of a split")
+    show.add_argument("--split", default="train", help=f"one of {', '.join(SPLIT_SIZES)}")
+    show.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
+    show.add_argument("--n", type=int, default=3, help="number of rows")
+    export = commands.add_parser("export", help="write a split to a JSONL file")
+    export.add_argument("--split", default="train", help=f"one of {', '.join(SPLIT_SIZES)}")
+    export.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
+    export.add_argument("--out", required=True, help="output .jsonl file")
+    commands.add_parser("stats", help="token counts of chat-formatted rows per split, with the shipped tokenizer")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "build-tokenizer":
+            print(f"wrote {build_lab_tokenizer(args.out)}")
+        elif args.command == "stats":
+            for split in SPLIT_SIZES:
+                s = token_stats(split)
+                print(f"{split:10s} rows {s['rows']:5d}  tokens mean {s['mean']:6.1f}  max {s['max']:4d}")
+        else:
+            spec = f"lab:{args.split}" + (f":{args.layout}" if args.layout else "")
+            rows = load_lab(spec)
+            if args.command == "show":
+                for row in rows[: args.n]:
+                    _print_row(row)
+            else:
+                out = Path(args.out)
+                if not out.parent.is_dir():
+                    raise UserError(f"output directory {out.parent} does not exist; create it or pick another --out.")
+                with out.open("w", encoding="utf-8") as f:
+                    for row in rows:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                print(f"wrote {len(rows)} rows of {spec} to {out}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The lab task (data/lab.py): its rows are deterministic, correct, disjoint across splits, and tokenized as intended.
+
+Correctness is checked twice, independently of the generator's own arithmetic: once by parsing the written
+solutions ("a + b = c" lines must be true and chain into the boxed answer), once by folding the structured record
+with the test's own operations and checking that the problem text states the record's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from data import lab
+from data.lab import (
+    LAB_SYSTEM,
+    LAB_TOKENIZER_DIR,
+    LAYOUTS,
+    SPLIT_SIZES,
+    Difficulty,
+    answers_match,
+    extract_boxed,
+    generate_problems,
+    is_lab_spec,
+    lab_problems,
+    load_lab,
+)
+from data.tokenizer import load_tokenizer
+from model.errors import UserError
+
+SPLITS = tuple(SPLIT_SIZES)
+EQUATION = re.compile(r"(\d+) ([+\-x]) (\d+) = (\d+)")
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(LAB_TOKENIZER_DIR)
+
+
+def _check_solution(solution: str) -> int:
+    """The boxed answer of a written solution, after checking that every equation is true and the steps chain.
+
+    Line 1 states the start; each later line's running value is the left operand of its last equation (groups
+    lines read "3 x 4 = 12, and 14 + 12 = 26": the product must be what is added).
+    """
+    lines = solution.split("\n")
+    value = int(re.search(r"\d+", lines[0]).group())
+    for line in lines[1:-1]:
+        equations = [tuple(m.groups()) for m in EQUATION.finditer(line)]
+        assert equations, line
+        for a, op, b, c in equations:
+            assert OPERATIONS[op](int(a), int(b)) == int(c), f"false equation in {line!r}"
+        if len(equations) == 2:  # groups: a x b = p, and value + p = c
+            assert equations[0][1] == "x" and equations[1][1] == "+" and equations[1][2] == equations[0][3], line
+        assert int(equations[-1][0]) == value, f"{line!r} does not continue from {value}"
+        value = int(equations[-1][3])
+        assert value >= 0
+    assert lines[-1] == f"The answer is \\boxed{{{value}}}."
+    return value
+
+
+def _fold_record(problem: lab.Problem) -> list[int]:
+    """The running counts of a problem, computed from its record with this test's own arithmetic."""
+    values = [problem.start]
+    for step in problem.steps:
+        v = values[-1]
+        values.append({"add": v + step.amount, "sub": v - step.amount, "scale": v * step.amount,
+                       "groups": v + step.amount * step.size}[step.kind])
+    return values
+
+
+def _count_false_equations(solution: str) -> int:
+    return sum(OPERATIONS[op](int(a), int(b)) != int(c) for a, op, b, c in EQUATION.findall(solution))
+
+
+# ----- the generator -----
+
+
+def test_generator_is_a_function_of_the_seed():
+    hard = Difficulty(steps=(2, 5), digits=(1, 3))
+    first = generate_problems(seed=7, n=60, difficulty=hard, instruction_share=0.5)
+    assert first == generate_problems(seed=7, n=60, difficulty=hard, instruction_share=0.5)
+    other = generate_problems(seed=8, n=60, difficulty=hard, instruction_share=0.5)
+    assert [p.problem for p in first] != [p.problem for p in other]
+    assert {p.style for p in first} == {"story", "instructions"}
+    # No hidden global state: drawing from the module-level random between calls changes nothing.
+    import random
+
+    random.random()
+    assert first == generate_problems(seed=7, n=60, difficulty=hard, instruction_share=0.5)
+
+
+def test_difficulty_rejects_bad_ranges():
+    with pytest.raises(UserError, match="steps"):
+        Difficulty(steps=(3, 1))
+    with pytest.raises(UserError, match="ops"):
+        Difficulty(ops="+/")
+
+
+def test_single_operation_difficulties_stay_valid():
+    for ops in ("+", "-", "x"):
+        for problem in generate_problems(seed=3, n=30, difficulty=Difficulty(steps=(1, 5), digits=(1, 2), ops=ops)):
+            assert min(_fold_record(problem)) >= 0
+            assert _check_solution(problem.solution) == problem.answer
+            assert {s.kind for s in problem.steps} <= {"+": {"add"}, "-": {"sub"}, "x": {"scale", "groups"}}[ops]
+
+
+def test_split_sizes_and_disjoint_problem_texts():
+    texts = {split: [p.problem for p in lab_problems(split)] for split in SPLITS}
+    for split in SPLITS:
+        assert len(texts[split]) == SPLIT_SIZES[split]
+        assert len(set(texts[split])) == len(texts[split]), f"{split} repeats a problem"
+    for train_split in ("train", "pretrain"):
+        for eval_split in ("test", "test-hard"):
+            assert not set(texts[train_split]) & set(texts[eval_split]), f"{eval_split} leaks into {train_split}"
+    assert not set(texts["test"]) & set(texts["test-hard"])
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_written_solution_checks_out(split):
+    for problem in lab_problems(split):
+        assert _check_solution(problem.solution) == problem.answer, problem.solution
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_record_rederives_answer_and_problem_states_the_record(split):
+    for problem in lab_problems(split):
+        values = _fold_record(problem)
+        assert min(values) >= 0, problem.problem
+        assert values[-1] == problem.answer
+        # The numbers the problem text gives, in order ("doubles"/"triples" give 2/3), are the record's operands.
+        words = re.findall(r"\d+|doubles|triples", problem.problem)
+        stated = [{"doubles": 2, "triples": 3}.get(w) or int(w) for w in words]
+        expected = [problem.start]
+        for step in problem.steps:
+            expected += [step.amount, step.size] if step.kind == "groups" else [step.amount]
+        assert stated == expected, problem.problem
+
+
+def test_test_hard_is_harder_than_every_training_row():
+    train = lab_problems("train") + lab_problems("pretrain")
+    max_steps = max(p.n_steps for p in train)
+    max_digits = max(p.max_digits for p in train)
+    for problem in lab_problems("test-hard"):
+        assert problem.n_steps > max_steps or problem.max_digits > max_digits, problem.problem
+    # test has the train distribution: nothing in it is out of that range.
+    assert max(p.n_steps for p in lab_problems("test")) <= max_steps
+
+
+def test_rows_are_short_enough_for_a_tiny_model(tok):
+    lengths = [len(tok.encode(row["text"])) for row in load_lab("lab:test:text")]  # test has train's distribution
+    assert sum(lengths) / len(lengths) < 120
+
+
+# ----- layouts and specs -----
+
+
+def test_layouts_carry_the_fields_they_promise():
+    for split in SPLITS:
+        for layout in LAYOUTS:
+            rows = load_lab(f"lab:{split}:{layout}")
+            assert len(rows) == SPLIT_SIZES[split]
+            assert len({r["id"] for r in rows}) == len(rows)
+            problems = lab_problems(split)
+            for row, problem in zip(rows[:50], problems):
+                assert row["answer"] == str(problem.answer)
+                prompt = [{"role": "system", "content": LAB_SYSTEM}, {"role": "user", "content": problem.problem}]
+                if layout == "text":
+                    assert row["text"] == problem.problem + "\n" + problem.solution
+                elif layout == "messages":
+                    assert row["messages"] == prompt + [{"role": "assistant", "content": problem.solution}]
+                elif layout == "prompt":
+                    assert row["prompt"] == prompt
+                else:
+                    assert row["prompt"] == prompt
+                    assert row["chosen"] == prompt + [{"role": "assistant", "content": problem.solution}]
+                    assert row["rejected"][:-1] == prompt and row["rejected"][-1]["role"] == "assistant"
+    assert load_lab("lab") == load_lab("lab:train:messages")
+    assert load_lab("lab:test") == load_lab("lab:test:messages")
+    assert load_lab("lab:pretrain") == load_lab("lab:pretrain:text")
+    assert load_lab("lab:preference") == load_lab("lab:train:preference")
+
+
+def test_load_lab_returns_fresh_rows():
+    rows = load_lab("lab:test")
+    rows[0]["messages"].append({"role": "user", "content": "mutated"})
+    assert len(load_lab("lab:test")[0]["messages"]) == 3
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_preference_rejected_carries_one_slip_to_a_wrong_answer(split):
+    for row in load_lab(f"lab:{split}:preference"):
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert row["chosen"][:-1] == row["rejected"][:-1] == row["prompt"]
+        assert extract_boxed(chosen) == row["answer"]
+        assert extract_boxed(rejected) != row["answer"]
+        assert not answers_match(rejected, row["answer"])
+        assert _count_false_equations(chosen) == 0
+        assert _count_false_equations(rejected) == 1, rejected
+        assert chosen.split("\n")[0] == rejected.split("\n")[0]
+
+
+def test_spec_names():
+    assert is_lab_spec("lab") and is_lab_spec("lab:test-hard:prompt")
+    assert not is_lab_spec("labels.jsonl") and not is_lab_spec("data/lab") and not is_lab_spec("my/lab")
+    with pytest.raises(UserError, match="train, test, test-hard, pretrain"):
+        load_lab("lab:validation")
+    with pytest.raises(UserError, match="messages, text, preference, prompt"):
+        load_lab("lab:test:chat")
+    for bad in ("lab:", "lab:test:messages:x", "lab::text"):
+        with pytest.raises(UserError):
+            load_lab(bad)
+
+
+def test_rows_read_through_the_dataset_reader():
+    datasets = pytest.importorskip("data.datasets")
+    if not hasattr(datasets, "to_preference_pair"):
+        pytest.skip("data.datasets has no to_preference_pair")
+    row = load_lab("lab:test:preference")[0]
+    prompt, chosen, rejected = datasets.to_preference_pair(row, "row 1")
+    assert prompt == row["prompt"] and chosen == row["chosen"][-1:] and rejected == row["rejected"][-1:]
+    for spec, layout in (("lab:test", "messages"), ("lab:test:preference", "preference"), ("lab:pretrain", "text")):
+        assert datasets.detect_layout(load_lab(spec)[0]) == layout
+    try:
+        rows = datasets.load_rows("lab:test")
+    except UserError:
+        pytest.skip("data.datasets.load_rows does not resolve lab specs yet")
+    assert list(rows) == load_lab("lab:test")
+
+
+# ----- answer checking -----
+
+
+@pytest.mark.parametrize(
+    "text, boxed",
+    [
+        ("The answer is \\boxed{14}.", "14"),
+        ("no box here, the answer is 14", None),
+        ("first \\boxed{1}, then \\boxed{2}, finally \\boxed{3}.", "3"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("so $\\boxed{x^{2}+\\sqrt{y_{1}}}$ holds", "x^{2}+\\sqrt{y_{1}}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed {7}", "7"),
+        ("\\boxed{12} then cut off \\boxed{\\frac{1}{2", None),
+        ("\\boxed{", None),
+        ("\\boxed{ 5 }", "5"),
+    ],
+)
+def test_extract_boxed(text, boxed):
+    assert extract_boxed(text) == boxed
+
+
+@pytest.mark.parametrize(
+    "pred, ref, same",
+    [
+        ("14", "14", True),
+        ("\\boxed{14.0}", "14", True),
+        ("14.0", "14", True),
+        ("1,000", "1000", True),
+        ("$1,000$", "1000", True),
+        ("14.", "14", True),
+        (" 14 ", "14", True),
+        ("15", "14", False),
+        ("0.5", "\\frac{1}{2}", True),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+        ("1/2", "\\frac{1}{2}", True),
+        ("\\frac{1}{3}", "0.33", False),
+        ("-3", "-3.0", True),
+        ("x = 5", "5", True),
+        ("\\text{(B)}", "(B)", True),
+        ("\\text{Monday}", "Monday", True),
+        ("Tuesday", "Monday", False),
+        ("30^\\circ", "30", True),
+        ("50\\%", "50", True),
+        ("1,2", "12", False),
+        ("(1, 2)", "(1,2)", True),
+        ("x^2 + 1", "x^2+1", True),
+        (None, "14", False),
+        ("\\boxed{\\frac{1}{2", "\\frac{1}{2}", False),
+    ],
+)
+def test_answers_match(pred, ref, same):
+    assert answers_match(pred, ref) is same
+
+
+# ----- the tokenizer -----
+
+
+def test_tokenizer_special_tokens_and_config(tok):
+    n = tok.vocab_size
+    assert n <= lab.LAB_MAX_VOCAB
+    ids = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+    assert ids == [n - 3, n - 2, n - 1]  # right after the BPE vocabulary, in Qwen's order
+    assert tok.eos_token_id == tok.im_end_id == n - 1 and tok.pad_token_id == n - 3
+    assert tok.default_system_prompt == LAB_SYSTEM
+    config = json.loads((LAB_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    assert sorted(config["added_tokens_decoder"]) == [str(i) for i in ids]
+
+
+def test_tokenizer_round_trips_and_keeps_digits_single(tok):
+    texts = [r["text"] for split in SPLITS for r in load_lab(f"lab:{split}:text")[:100]]
+    texts += [LAB_SYSTEM, "caf\u00e9 \U0001F600 \u4f60\u597d {x}\t\r\n", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        for token in (tok.decode([i]) for i in ids):
+            assert not re.search(r"\d", token) or re.fullmatch(r"\d", token), token
+    # The corpus' words are whole tokens: the vocabulary saturated before LAB_MAX_VOCAB.
+    for word in (" marbles", "Solve", "boxed", " starts", " gives", " away", " times", " many"):
+        assert len(tok.encode(word)) == 1, word
+
+
+def test_chat_template_renders_chatml_and_masks_the_solution(tok):
+    messages = load_lab("lab:test")[0]["messages"]
+    system, user, assistant = (m["content"] for m in messages)
+    chatml = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+              f"<|im_start|>assistant\n{assistant}<|im_end|>\n")
+    ids = tok.apply_chat_template(messages)
+    assert ids == tok.encode(chatml)
+    assert ids[0] == tok.im_start_id and ids.count(tok.im_start_id) == 3 and ids.count(tok.im_end_id) == 3
+    assert tok.apply_chat_template(messages[1:]) == ids  # the template's default system prompt is LAB_SYSTEM
+    assert tok.encode_prompt(messages[:2]) == tok.encode(chatml[: chatml.index(assistant)])
+
+    input_ids, mask = tok.encode_conversation(messages)
+    assert input_ids == ids
+    first = mask.index(1)
+    assert tok.decode(input_ids[:first]).endswith("<|im_start|>assistant\n")
+    assert tok.decode([t for t, m in zip(input_ids, mask) if m]) == assistant + "<|im_end|>"
+    assert mask[first:] == [1] * (len(mask) - first - 1) + [0]  # all of the reply, not the final "\n"
+
+
+def test_reference_implementation_loads_the_lab_tokenizer(tok):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(str(LAB_TOKENIZER_DIR))
+    for row in load_lab("lab:test-hard")[:20]:
+        messages = row["messages"]
+        for chat, generation in ((messages, False), (messages[1:2], True)):
+            out = reference.apply_chat_template(chat, tokenize=True, add_generation_prompt=generation)
+            expected = out if isinstance(out, list) else list(out["input_ids"])
+            assert tok.apply_chat_template(chat, add_generation_prompt=generation) == expected
+    assert reference.eos_token_id == tok.eos_token_id and reference.pad_token_id == tok.pad_token_id
+
+
+def test_shipped_tokenizer_equals_a_fresh_build(tmp_path, capsys):
+    assert lab.main(["build-tokenizer", "--out", str(tmp_path)]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (LAB_TOKENIZER_DIR / name).read_bytes(), (
+            f"{name} differs from a rebuild; run `python -m data.lab build-tokenizer` and commit the result")
+
+
+# ----- command line -----
+
+
+def test_cli_show_and_export(tmp_path, capsys):
+    assert lab.main(["show", "--split", "test-hard", "--n", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "lab-test-hard-00001" in shown and "lab-test-hard-00002" not in shown and "\\boxed{" in shown
+
+    out = tmp_path / "test.jsonl"
+    assert lab.main(["export", "--split", "test", "--layout", "messages", "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == load_lab("lab:test:messages")
+
+    assert lab.main(["show", "--split", "nope"]) == 2
+    assert "unknown lab split 'nope'" in capsys.readouterr().err
