@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data.collate import BatchSampler, collate, pack_rows
 from data.datasets import load_rows, split_holdout, tokenize_rows
+from data.lab import LAB_BASE_DIR, is_lab_spec
 from data.tokenizer import load_tokenizer
 from losses import LOSSES, NEEDS_REFERENCE, SFT_NORMS, hparams_for
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
@@ -55,24 +56,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precompute reference log-probs once (cached on disk) or keep a live reference model")
 
     g = ap.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a directory, or a hub dataset id")
+    g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
+    g.add_argument("--data", default="lab", help="a .jsonl/.json/.parquet file, a directory, a hub dataset id, or "
+                   "lab[:split][:layout] (the built-in task, see data/lab.py)")
     g.add_argument("--data-split", default="train")
     g.add_argument("--eval-data", default=None, help="held-out data (default: --eval-fraction of --data)")
     g.add_argument("--eval-split", default="test", help="split of --eval-data")
-    g.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval")
-    g.add_argument("--max-len", type=int, default=1024, help="truncate examples to this many tokens")
+    g.add_argument("--eval-fraction", type=float, default=None, help="fraction of --data held out for eval (default 0)")
+    g.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (default 1024)")
     g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len tokens")
 
     g = ap.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, default=4, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples (or packed rows) per micro-batch (default 4)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5, the DFT paper's)")
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--warmup-ratio", type=float, default=None, help="warmup share of the steps (default 0.1)")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (never on norms and biases)")
     g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
@@ -87,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
 
     g = ap.add_argument_group("logging and checkpoints")
-    g.add_argument("--out", default="runs/latest", help="output directory")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
+    g.add_argument("--out", default=None, help="output directory (default: runs/LOSS)")
+    g.add_argument("--eval-every", type=int, default=None, help="steps between evals (default 0: only at the end)")
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only final)")
     g.add_argument("--resume", default=None, help="a step_N directory to continue from, or 'latest' in --out")
     g.add_argument("--patience", type=int, default=0, help="stop after this many evals without improvement")
@@ -96,7 +98,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of saved weights (float32 keeps resume exact)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    apply_defaults(args)
+    return args
+
+
+# Defaults that depend on the job. Real models follow the DFT paper's recipe (AdamW, lr 5e-5, cosine, 10% warmup).
+# The lab (a few-million-parameter model on a CPU, data/lab.py) needs a larger learning rate and a short budget;
+# those defaults apply when --data is a lab spec. Any flag given on the command line wins.
+DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "max_len": 1024,
+            "eval_fraction": 0.0, "eval_every": 0}
+LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
+                "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50}
+
+
+def apply_defaults(args: argparse.Namespace) -> None:
+    lab = is_lab_spec(args.data)
+    for key, value in (LAB_DEFAULTS if lab else DEFAULTS).items():
+        if key == "max_steps" and args.epochs is not None:
+            continue  # an explicit --epochs sets the budget
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key, value in DEFAULTS.items():  # flags the lab table leaves out
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = f"runs/{args.loss}"
+    if args.model == "lab":
+        args.model = str(LAB_BASE_DIR)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,6 +461,10 @@ def train(args: argparse.Namespace) -> dict:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
         loss = loss_sum / max(count, 1.0)
         finite = math.isfinite(grad_norm) and math.isfinite(loss)
+        # fp16: gradients that overflow at the current loss scale are the scaler's cue to halve it (several times at
+        # the start: the scale multiplies a loss *sum*), not divergence; they count toward --max-bad-steps only once
+        # the scale is at its floor. A non-finite loss always counts.
+        scaler_overflow = not finite and math.isfinite(loss) and precision.loss_scale > 1.0
         if precision.scaler:
             precision.scaler.update(finite)
         if finite:
@@ -439,7 +472,7 @@ def train(args: argparse.Namespace) -> dict:
             bad_streak = 0
         else:
             skipped += 1
-            bad_streak += 1
+            bad_streak += 0 if scaler_overflow else 1
         optimizer.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0

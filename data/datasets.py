@@ -103,7 +103,12 @@ def load_rows(spec: str, split: str = "train") -> Rows:
 
     A directory (local or downloaded) contributes the files that name `split` ("train-00000-of-00001.parquet",
     "data/train.jsonl"); if no file names any split, all its files. A local path always wins over a hub id.
+    `lab[:split][:layout]` names the built-in lab task (data/lab.py); its split is part of the spec.
     """
+    from data.lab import is_lab_spec, load_lab
+
+    if is_lab_spec(spec):
+        return Rows(load_lab(spec), source=spec)
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]

@@ -71,9 +71,11 @@ SPLIT_SEEDS = {"train": 1001, "test": 2002, "test-hard": 3003, "pretrain": 4004}
 LAYOUTS = ("messages", "text", "preference", "prompt")
 DEFAULT_LAYOUT = {"train": "messages", "test": "messages", "test-hard": "messages", "pretrain": "text"}
 PRETRAIN_INSTRUCTION_SHARE = 0.25  # share of pretrain rows in the bare "Start with 12. Add 7, ..." phrasing
+PRETRAIN_CHAT_EVERY = 5  # every 5th pretrain text row is a ChatML transcript, so the base model knows the format
 
 LAB_ASSETS = Path(__file__).resolve().parent / "lab_assets"
 LAB_TOKENIZER_DIR = LAB_ASSETS / "tokenizer"
+LAB_BASE_DIR = LAB_ASSETS / "base"  # the pre-trained tiny base model (`python -m data.lab build-base`)
 # Upper bound on ids (256 byte symbols + merges + 3 special tokens). The lab corpus saturates first, at about 540:
 # training stops once every word is a single token. A model should size its embedding from the tokenizer.
 LAB_MAX_VOCAB = 1024
@@ -428,7 +430,19 @@ def parse_lab_spec(spec: str) -> tuple[str, str]:
 def load_lab(spec: str) -> list[dict[str, Any]]:
     """The rows of a lab spec, e.g. `lab`, `lab:test-hard`, `lab:train:preference`, `lab:test:prompt`."""
     split, layout = parse_lab_spec(spec)
-    return [to_row(p, layout, f"lab-{split}-{i:05d}") for i, p in enumerate(lab_problems(split))]
+    rows = [to_row(p, layout, f"lab-{split}-{i:05d}") for i, p in enumerate(lab_problems(split))]
+    if split == "pretrain" and layout == "text":
+        # Like a real base model, the lab's has seen chat transcripts in pre-training: without them it would meet
+        # <|im_start|> for the first time in fine-tuning, and every objective would first spend its budget on format.
+        for row, problem in zip(rows[::PRETRAIN_CHAT_EVERY], lab_problems(split)[::PRETRAIN_CHAT_EVERY]):
+            row["text"] = chatml_transcript(problem)
+    return rows
+
+
+def chatml_transcript(problem: Problem) -> str:
+    """The problem as a ChatML conversation in plain text; the text layout appends the closing <|im_end|> (eos)."""
+    return (f"<|im_start|>system\n{LAB_SYSTEM}<|im_end|>\n<|im_start|>user\n{problem.problem}<|im_end|>\n"
+            f"<|im_start|>assistant\n{problem.solution}")
 
 
 # ----- answer checking (also used for MATH-500 and GSM8K) -----
@@ -636,6 +650,49 @@ def _print_row(row: dict[str, Any]) -> None:
     print()
 
 
+# ----- the tiny base model -----
+
+# A Qwen2 of 3.3M parameters: same model code as Qwen2.5, only smaller. The vocabulary is the lab tokenizer's 537 ids
+# rounded up to a multiple of 64.
+LAB_MODEL_CONFIG = {
+    "vocab_size": 576, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "max_position_embeddings": 512, "torch_dtype": "float32",
+}
+# Pre-training recipe: plain next-token prediction on the `pretrain` split's text rows. Threads are fixed because the
+# order of floating-point sums in matrix products depends on them, and the rebuild must be bit for bit.
+LAB_PRETRAIN_ARGS = ["--loss", "sft", "--data", "lab:pretrain", "--epochs", "2", "--batch-size", "32",
+                     "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-ratio", "0.05", "--weight-decay", "0.1",
+                     "--max-len", "256", "--seed", "0", "--no-progress"]
+LAB_BUILD_THREADS = 2
+
+
+def build_lab_base(out_dir: str | Path = LAB_BASE_DIR, work_dir: str | Path | None = None) -> Path:
+    """Initialise the tiny Qwen2 and pre-train it with train.py on lab:pretrain; write the checkpoint to out_dir."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    import train
+    from data.tokenizer import load_tokenizer
+    from model import Qwen2Config, Qwen2ForCausalLM, save_model
+
+    torch.set_num_threads(LAB_BUILD_THREADS)
+    work = Path(work_dir or tempfile.mkdtemp(prefix="lab_base_"))
+    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "eos_token_id": load_tokenizer(LAB_TOKENIZER_DIR).eos_token_id})
+    init = save_model(Qwen2ForCausalLM(config).init_weights(std=0.02, seed=0), work / "init",
+                      tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
+    args = train.parse_args(LAB_PRETRAIN_ARGS + ["--model", str(init), "--out", str(work / "pretrain")])
+    print(f"pre-training the lab base model: python train.py {' '.join(LAB_PRETRAIN_ARGS)} (in {work})")
+    train.train(args)
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.copytree(work / "pretrain" / "final", out_dir)
+    shutil.copy(work / "pretrain" / "metrics.jsonl", out_dir / "metrics.jsonl")
+    return out_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.lab", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -650,11 +707,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
     export.add_argument("--out", required=True, help="output .jsonl file")
     commands.add_parser("stats", help="token counts of chat-formatted rows per split, with the shipped tokenizer")
+    base = commands.add_parser("build-base", help="pre-train the tiny base model with train.py and write it to --out")
+    base.add_argument("--out", default=str(LAB_BASE_DIR), help="output directory (default: the shipped one)")
+    base.add_argument("--work-dir", default=None, help="where the init and the run go (default: a temp dir)")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "build-tokenizer":
             print(f"wrote {build_lab_tokenizer(args.out)}")
+        elif args.command == "build-base":
+            print(f"wrote {build_lab_base(args.out, args.work_dir)}")
         elif args.command == "stats":
             for split in SPLIT_SIZES:
                 s = token_stats(split)

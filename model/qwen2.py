@@ -163,6 +163,20 @@ class Qwen2ForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.tie_weights()
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> "Qwen2ForCausalLM":
+        """Fresh weights for training from scratch, as the reference initialises Qwen2: normal(0, std) matrices and
+        embeddings, zero biases, unit norms. Deterministic from `seed` (parameters visited in name order)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in sorted(self.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (again after `load_state_dict(assign=True)` replaced it)."""
         if self.config.tie_word_embeddings:

@@ -1,0 +1,148 @@
+"""SFT vs DFT vs MinorSFT on the lab, as the DFT paper compares SFT and DFT on math (avg@k at temperature 1.0).
+
+    python experiments/sft_vs_dft.py                      # 3 objectives x 3 seeds, ~20-30 min on 2 CPU cores
+    python experiments/sft_vs_dft.py --quick              # a smoke run of the whole pipeline in about a minute
+
+From the same lab base model, each objective trains with the same budget, data, learning rate and seeds; each final
+checkpoint is then scored by avg@k and pass@k on the in-distribution test split and on test-hard (more steps than
+any training problem: the generalisation the DFT paper claims). Writes to --out:
+  results.md / results.json   the table, mean +- std over seeds
+  curves.png                  loss (the plain NLL, comparable across objectives) and grad norm per step
+  <loss>_seed<N>/             each run: metrics.jsonl, final/ checkpoint, eval samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eval as evaluation  # noqa: E402
+import train  # noqa: E402
+from model import UserError  # noqa: E402
+
+
+def run_one(loss: str, seed: int, args, out: Path) -> dict:
+    run_dir = out / f"{loss}_seed{seed}"
+    train_args = ["--loss", loss, "--model", "lab", "--data", "lab", "--seed", str(seed), "--out", str(run_dir),
+                  "--max-steps", str(args.steps), "--lr", str(args.lr), "--eval-every", "0", "--no-progress"]
+    t0 = time.perf_counter()
+    train.train(train.parse_args(train_args))
+    train_time = time.perf_counter() - t0
+    scores = {"train_seconds": train_time}
+    for split in ("test", "test-hard"):
+        ev = evaluation.parse_args(["--metric", "accuracy", "--model", str(run_dir / "final"),
+                                    "--data", f"lab:{split}:prompt", "--k", str(args.k),
+                                    "--temperature", str(args.temperature), "--seed", str(seed),
+                                    "--out", str(run_dir / f"eval_{split}.json")]
+                                   + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
+        result = evaluation.run(ev)["results"][str(run_dir / "final")]
+        scores[f"{split} avg@{args.k}"] = result[f"avg@{args.k}"]
+        scores[f"{split} pass@{args.k}"] = result[f"pass@{args.k}"]
+    return scores
+
+
+def base_scores(args, out: Path) -> dict:
+    scores = {}
+    for split in ("test", "test-hard"):
+        ev = evaluation.parse_args(["--metric", "accuracy", "--model", "lab", "--data", f"lab:{split}:prompt",
+                                    "--k", str(args.k), "--temperature", str(args.temperature),
+                                    "--out", str(out / f"base_eval_{split}.json")]
+                                   + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
+        result = evaluation.run(ev)["results"]["lab"]
+        scores[f"{split} avg@{args.k}"] = result[f"avg@{args.k}"]
+        scores[f"{split} pass@{args.k}"] = result[f"pass@{args.k}"]
+    return scores
+
+
+def read_curves(run_dir: Path) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not r.get("eval")]
+    return {"nll": [r.get("nll", r["loss"]) for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for loss, runs in curves.items():
+        for ax, key in zip(axes, ("nll", "grad_norm")):
+            values = np.array([r[key] for r in runs])  # (seeds, steps)
+            steps = np.arange(1, values.shape[1] + 1)
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, label=loss)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    axes[0].set_title("training NLL of the response tokens (mean +- std over seeds)")
+    axes[1].set_title("gradient norm before clipping")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (16 examples each)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--k", type=int, default=4, help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N problems of each split")
+    ap.add_argument("--out", default="runs/sft_vs_dft")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 8 problems, k=2: checks the pipeline")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.eval_limit, args.k = args.seeds[:1], 3, 8, 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        table = {"base (no fine-tuning)": [base_scores(args, out)]}
+        curves: dict[str, list[dict]] = {}
+        for loss in args.losses:
+            for seed in args.seeds:
+                print(f"== {loss}, seed {seed} ==", flush=True)
+                table.setdefault(loss, []).append(run_one(loss, seed, args, out))
+                curves.setdefault(loss, []).append(read_curves(out / f"{loss}_seed{seed}"))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+    columns = [c for c in table[args.losses[0]][0] if c != "train_seconds"]
+    lines = [f"Lab, {args.steps} steps x 16 examples, lr {args.lr}, seeds {args.seeds}, k={args.k} samples at "
+             f"temperature {args.temperature}" + (f", first {args.eval_limit} problems" if args.eval_limit else ""),
+             "", "| objective | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    summary = {}
+    for name, runs in table.items():
+        cells, summary[name] = [], {}
+        for c in columns:
+            values = np.array([r[c] for r in runs])
+            summary[name][c] = {"mean": float(values.mean()), "std": float(values.std()), "runs": values.tolist()}
+            cells.append(f"{values.mean():.3f} +- {values.std():.3f}" if len(values) > 1 else f"{values[0]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    minutes = (time.perf_counter() - start) / 60
+    lines += ["", f"Total time: {minutes:.1f} min."]
+    text = "\n".join(lines)
+    print(text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": summary}, indent=2) + "\n")
+    if plot_curves(curves, out / "curves.png"):
+        print(f"curves: {out / 'curves.png'}")
+    print(f"results: {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
