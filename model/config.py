@@ -90,12 +90,14 @@ class Qwen2Config:
         rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
 
         n_layers = int(field("num_hidden_layers"))
-        if raw.get("use_sliding_window") and raw.get("sliding_window") is not None:
+        # Absent fields take the reference's defaults (sliding_window 4096, max_window_layers 28), not "off".
+        window = raw.get("sliding_window", 4096)
+        if raw.get("use_sliding_window") and window is not None:
             layer_types = raw.get("layer_types") or [
-                "sliding_attention" if i >= raw.get("max_window_layers", n_layers) else "full_attention"
+                "sliding_attention" if i >= raw.get("max_window_layers", 28) else "full_attention"
                 for i in range(n_layers)]
             if "sliding_attention" in layer_types:
-                raise UserError(f"{where}: use_sliding_window is true with sliding_window {raw['sliding_window']}; "
+                raise UserError(f"{where}: use_sliding_window is true with sliding_window {window}; "
                                 f"sliding-window attention is not implemented (set use_sliding_window to false).")
 
         eos = raw.get("eos_token_id")
