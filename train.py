@@ -303,7 +303,10 @@ def _cast_copy(model, dtype):
 
 def find_resume_dir(args) -> Path:
     if args.resume == "latest":
-        steps = sorted(Path(args.out).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        # Only whole step_N checkpoints: not a `step_N.old` that an interrupted replace left, nor anything else.
+        steps = sorted((p for p in Path(args.out).glob("step_*")
+                        if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()),
+                       key=lambda p: int(p.name.removeprefix("step_")))
         if not steps:
             raise UserError(f"--resume latest: {args.out} holds no step_N checkpoint to resume from.")
         return steps[-1]

@@ -12,7 +12,7 @@ so the extra memory is O(chunk x V) whatever the number of tokens, at the price 
 backward (the same recomputation trade as Liger-Kernel's and TRL's chunked losses). Positions with loss mask 0 are
 dropped before the matmul: prompt tokens cost no LM-head FLOPs at all.
 
-Optionally the kernel also returns each position's entropy H = logsumexp(z) - sum_v softmax(z)_v z_v (a metric of
+Optionally the kernel also returns each position's entropy H = -sum_v softmax(z)_v log softmax(z)_v (a metric of
 the DFT paper), with its gradient dH/dz = -softmax(z) * (log softmax(z) + H).
 """
 
@@ -40,8 +40,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             lse[s:e] = torch.logsumexp(z, dim=-1)
             logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
             if with_entropy:
-                p = (z - lse[s:e, None]).exp_()  # (n, V)
-                entropy[s:e] = lse[s:e] - (p * z).sum(-1)
+                logp = z.sub_(lse[s:e, None])  # (n, V) in place: z is not needed past the gather above
+                # -sum p log p, not lse - sum p z: the latter cancels two numbers of the size of the logits (~lse).
+                entropy[s:e] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.chunk_size, ctx.with_entropy = chunk_size, with_entropy
         return (logps, entropy) if with_entropy else logps
