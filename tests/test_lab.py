@@ -16,6 +16,8 @@ import pytest
 from data import lab
 from data.lab import (
     LAB_SYSTEM,
+    PRETRAIN_CHAT_EVERY,
+    chatml_transcript,
     LAB_TOKENIZER_DIR,
     LAYOUTS,
     SPLIT_SIZES,
@@ -165,10 +167,12 @@ def test_layouts_carry_the_fields_they_promise():
             assert len(rows) == SPLIT_SIZES[split]
             assert len({r["id"] for r in rows}) == len(rows)
             problems = lab_problems(split)
-            for row, problem in zip(rows[:50], problems):
+            for i, (row, problem) in enumerate(zip(rows[:50], problems)):
                 assert row["answer"] == str(problem.answer)
                 prompt = [{"role": "system", "content": LAB_SYSTEM}, {"role": "user", "content": problem.problem}]
-                if layout == "text":
+                if layout == "text" and split == "pretrain" and i % PRETRAIN_CHAT_EVERY == 0:
+                    assert row["text"] == chatml_transcript(problem)  # the base model's share of chat transcripts
+                elif layout == "text":
                     assert row["text"] == problem.problem + "\n" + problem.solution
                 elif layout == "messages":
                     assert row["messages"] == prompt + [{"role": "assistant", "content": problem.solution}]

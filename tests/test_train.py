@@ -451,13 +451,15 @@ def short_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @requires_shared
-def test_fp16_overflow_halves_the_scale_and_is_not_divergence(model_dir: Path, short_rows: Path, tmp_path: Path):
-    """At the initial scale 2^16 times a loss *sum*, fp16 gradients overflow: the step is skipped and the scale
-    halved. These skips are the scaler calibrating, not divergence: --max-bad-steps must not stop the run."""
+def test_fp16_overflow_halves_the_scale_and_is_not_divergence(model_dir: Path, short_rows: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """At a scale of 2^40, fp16 gradients overflow: the step is skipped and the scale halved. These skips are the
+    scaler calibrating, not divergence: --max-bad-steps must not stop the run."""
+    monkeypatch.setattr(train, "DynamicLossScaler", functools.partial(train.DynamicLossScaler, scale=2.0**40))
     out = tmp_path / "out"
     summary, rows = run(model_dir, short_rows, out, "--loss", "sft", "--dtype", "float16", "--max-steps", "1",
                         "--max-bad-steps", "1")
-    assert [r["loss_scale"] for r in rows] == [2.0**15]
+    assert [r["loss_scale"] for r in rows] == [2.0**39]
     assert all(r.get("skipped") and math.isfinite(r["loss"]) for r in rows)
     assert summary["stop_reason"] == "reached --max-steps"
     assert_same_weights(out / "final", model_dir)
