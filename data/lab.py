@@ -690,6 +690,10 @@ def build_lab_base(out_dir: str | Path = LAB_BASE_DIR, work_dir: str | Path | No
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(work / "pretrain" / "final", out_dir)
     shutil.copy(work / "pretrain" / "metrics.jsonl", out_dir / "metrics.jsonl")
+    # The recorded args name the build's temporary directories; keep the recipe, not this machine's paths.
+    recorded = json.loads((out_dir / "args.json").read_text())
+    recorded.update(model="<init written by build_lab_base>", out="<build work dir>")
+    (out_dir / "args.json").write_text(json.dumps(recorded, indent=2) + "\n")
     return out_dir
 
 
