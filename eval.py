@@ -87,16 +87,27 @@ def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]
         for j, out in enumerate(outs):
             p, sample = s + j // args.k, j % args.k
             text = tok.decode(out, skip_special_tokens=True)
-            pred = extract_boxed(text)
-            correct[p, sample] = answers_match(pred, problems[p][1])
+            pred, correct[p, sample] = grade(text, problems[p][1])
             n_tokens += len(out)
             records.append({"problem": p, "sample": sample, "answer": problems[p][1], "prediction": pred,
                             "correct": bool(correct[p, sample]), "completion": text})
-    seconds = time.perf_counter() - start
-    result = {f"avg@{args.k}": float(correct.mean()), f"pass@{args.k}": float(correct.any(1).mean()),
-              "problems": len(problems), "boxed_rate": float(np.mean([r["prediction"] is not None for r in records])),
-              "gen_tokens_per_s": n_tokens / seconds}
+    result = summarize(correct, [r["prediction"] for r in records])
+    result["gen_tokens_per_s"] = n_tokens / (time.perf_counter() - start)
     return result, records
+
+
+def grade(completion: str, answer: str) -> tuple[str | None, bool]:
+    """(the completion's answer: its last \\boxed{}, or None; whether it matches the reference answer)."""
+    pred = extract_boxed(completion)
+    return pred, answers_match(pred, answer)
+
+
+def summarize(correct: np.ndarray, predictions: list[str | None]) -> dict:
+    """avg@k and pass@k of a (problems, k) boolean matrix, plus the share of completions with a boxed answer."""
+    k = correct.shape[1]
+    return {f"avg@{k}": float(correct.mean()), f"pass@{k}": float(correct.any(1).mean()),
+            "problems": int(correct.shape[0]),
+            "boxed_rate": float(np.mean([p is not None for p in predictions])) if predictions else 0.0}
 
 
 # ---- per-token metrics ------------------------------------------------------------------------------------------
