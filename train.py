@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-split", default="test", help="split of --eval-data")
     g.add_argument("--eval-fraction", type=float, default=None, help="fraction of --data held out for eval (default 0)")
     g.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (default 1024)")
+    g.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (and eval examples)")
     g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len tokens")
 
     g = ap.add_argument_group("optimization")
@@ -190,8 +191,10 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: str
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # norms and biases
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused on CPU too: one pass per tensor, no (V, C)-sized temporaries (the for-loop AdamW allocates two for the
+    # embedding) and several times faster (bench/RESULTS.md, "Training step").
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas),
-                             fused=torch.device(device).type == "cuda")
+                             fused=torch.device(device).type in ("cuda", "cpu"))
 
 
 def loss_hparams(args: argparse.Namespace) -> dict:
@@ -368,6 +371,8 @@ def train(args: argparse.Namespace) -> dict:
         examples, eval_examples = split_holdout(examples, args.eval_fraction, args.seed)
     else:
         eval_examples = []
+    if args.max_examples:
+        examples, eval_examples = examples[:args.max_examples], eval_examples[:args.max_examples]
     if not examples:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
 
@@ -436,17 +441,22 @@ def train(args: argparse.Namespace) -> dict:
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
         pack_len = args.max_len if args.pack else None
+        batches_mb = [collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table)
+                      for micro in micro_batches(step_batch, examples, args.batch_size, pack_len)]
+        # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step), so gradient
+        # magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients in range.
+        step_tokens = max(1.0, float(sum(b["loss_mask"].sum() for b in batches_mb)))
         loss_sum, count, n_tokens, n_trained = 0.0, 0.0, 0, 0
         metric_sums: dict[str, list[float]] = {}
-        for micro in micro_batches(step_batch, examples, args.batch_size, pack_len):
-            batch = to_device(collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table), device)
+        for batch in batches_mb:
+            batch = to_device(batch, device)
             with precision.autocast():
                 logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
                 if ref_model is not None:
                     with torch.no_grad():
                         batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
                 result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
-            (result.loss_sum * precision.loss_scale).backward()
+            (result.loss_sum * (precision.loss_scale / step_tokens)).backward()
             loss_sum += float(result.loss_sum.detach())
             count += float(result.count)
             n_tokens += int((batch["sequence_ids"] >= 0).sum())
@@ -457,7 +467,7 @@ def train(args: argparse.Namespace) -> dict:
                 acc[1] += c
 
         # ---- one division per step: the mean over all of the step's tokens (or sequences) ----
-        scale = 1.0 / (max(count, 1.0) * precision.loss_scale)
+        scale = step_tokens / (max(count, 1.0) * precision.loss_scale)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)

@@ -32,6 +32,8 @@ def run_one(loss: str, seed: int, args, out: Path) -> dict:
     run_dir = out / f"{loss}_seed{seed}"
     train_args = ["--loss", loss, "--model", "lab", "--data", "lab", "--seed", str(seed), "--out", str(run_dir),
                   "--max-steps", str(args.steps), "--lr", str(args.lr), "--eval-every", "0", "--no-progress"]
+    if args.quick:  # 3 steps need few examples, and so does minor_sft's reference pass over them
+        train_args += ["--max-examples", "64"]
     t0 = time.perf_counter()
     train.train(train.parse_args(train_args))
     train_time = time.perf_counter() - t0
@@ -40,6 +42,7 @@ def run_one(loss: str, seed: int, args, out: Path) -> dict:
         ev = evaluation.parse_args(["--metric", "accuracy", "--model", str(run_dir / "final"),
                                     "--data", f"lab:{split}:prompt", "--k", str(args.k),
                                     "--temperature", str(args.temperature), "--seed", str(seed),
+                                    "--max-new-tokens", str(args.max_new_tokens),
                                     "--out", str(run_dir / f"eval_{split}.json")]
                                    + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
         result = evaluation.run(ev)["results"][str(run_dir / "final")]
@@ -53,7 +56,7 @@ def base_scores(args, out: Path) -> dict:
     for split in ("test", "test-hard"):
         ev = evaluation.parse_args(["--metric", "accuracy", "--model", "lab", "--data", f"lab:{split}:prompt",
                                     "--k", str(args.k), "--temperature", str(args.temperature),
-                                    "--out", str(out / f"base_eval_{split}.json")]
+                                    "--max-new-tokens", str(args.max_new_tokens), "--out", str(out / f"base_eval_{split}.json")]
                                    + (["--limit", str(args.eval_limit)] if args.eval_limit else []))
         result = evaluation.run(ev)["results"]["lab"]
         scores[f"{split} avg@{args.k}"] = result[f"avg@{args.k}"]
@@ -103,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N problems of each split")
     ap.add_argument("--out", default="runs/sft_vs_dft")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps, 8 problems, k=2: checks the pipeline")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed, 3 steps on 64 examples, 8 problems, k=2, 64 new tokens: checks the pipeline")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.eval_limit, args.k = args.seeds[:1], 3, 8, 2
+        args.seeds, args.steps, args.eval_limit, args.k, args.max_new_tokens = args.seeds[:1], 3, 8, 2, 64
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

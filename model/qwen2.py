@@ -18,6 +18,32 @@ from torch.utils.checkpoint import checkpoint
 from model.config import Qwen2Config
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x^2) + eps)) that keeps only x and the (..., 1) rsqrt for backward, not also the
+    normalized x that autograd would keep (one (B, T, C) tensor less per norm); the same forward arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd  # (..., C) fp32
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (C,)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad_out * weight).float()  # d loss / d xhat
+            # d xhat / d x = rstd * (I - xhat xhat^T / C)
+            grad_x = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_w, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,10 +51,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -103,6 +126,38 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+class SwiGLUDown(torch.autograd.Function):
+    """down_proj(silu(gate) * up) that keeps only `gate` and `up` for backward and recomputes silu(gate) * up there.
+
+    Autograd would keep four (B, T, I) tensors per layer (gate, silu(gate), up, and their product for down_proj's
+    weight gradient), the largest activations of the decoder; this keeps two, for a few elementwise ops in backward.
+    `weight` is down_proj's (C, I) weight, cast to the inputs' dtype (the autocast dtype under autocast), as F.linear
+    under autocast would.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate).mul_(up), weight.to(gate.dtype))  # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        sig = torch.sigmoid(gate)  # (B, T, I)
+        silu = gate * sig
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            h = (silu * up).reshape(-1, up.shape[-1])  # (B*T, I) the product, recomputed
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ h).to(weight.dtype)  # (C, I)
+            del h
+        grad_h = grad_out @ weight.to(gate.dtype)  # (B, T, I)
+        grad_up = grad_h * silu
+        del silu
+        # d silu(g) / d g = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        grad_gate = grad_h.mul_(up).mul_((1 - sig).mul_(gate).add_(1).mul_(sig))
+        return grad_gate, grad_up, grad_w
+
+
 class MLP(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -111,7 +166,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -130,7 +185,10 @@ class DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":  # nn.Embedding's own init, skipped on meta (where it takes seconds)
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
