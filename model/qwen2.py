@@ -38,9 +38,9 @@ class RMSNormFunction(torch.autograd.Function):
             grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # (C,)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = (grad_out * weight).float()  # d loss / d xhat
-            # d xhat / d x = rstd * (I - xhat xhat^T / C)
-            grad_x = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(rstd).to(x.dtype)
+            g = (grad_out * weight).float()  # (..., C) d loss / d xhat
+            # d xhat / d x = rstd * (I - xhat xhat^T / C), applied in place on the two temporaries
+            grad_x = g.sub_(xhat.mul_((g * xhat).mean(-1, keepdim=True))).mul_(rstd).to(x.dtype)
         return grad_x, grad_w, None
 
 
@@ -143,18 +143,15 @@ class SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
-        sig = torch.sigmoid(gate)  # (B, T, I)
-        silu = gate * sig
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            h = (silu * up).reshape(-1, up.shape[-1])  # (B*T, I) the product, recomputed
-            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ h).to(weight.dtype)  # (C, I)
-            del h
+        silu = F.silu(gate)  # (B, T, I)
         grad_h = grad_out @ weight.to(gate.dtype)  # (B, T, I)
         grad_up = grad_h * silu
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            h = silu.mul_(up).reshape(-1, up.shape[-1])  # (B*T, I) the product, recomputed in silu's buffer
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).T @ h).to(weight.dtype)  # (C, I)
         del silu
-        # d silu(g) / d g = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-        grad_gate = grad_h.mul_(up).mul_((1 - sig).mul_(gate).add_(1).mul_(sig))
+        grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up), gate)  # autograd's own silu derivative
         return grad_gate, grad_up, grad_w
 
 
