@@ -661,9 +661,9 @@ LAB_MODEL_CONFIG = {
 }
 # Pre-training recipe: plain next-token prediction on the `pretrain` split's text rows. Threads are fixed because the
 # order of floating-point sums in matrix products depends on them, and the rebuild must be bit for bit.
-LAB_PRETRAIN_ARGS = ["--loss", "sft", "--data", "lab:pretrain", "--epochs", "2", "--batch-size", "32",
+LAB_PRETRAIN_ARGS = ["--loss", "sft", "--data", "lab:pretrain", "--epochs", "4", "--batch-size", "32",
                      "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-ratio", "0.05", "--weight-decay", "0.1",
-                     "--max-len", "256", "--seed", "0", "--no-progress"]
+                     "--max-len", "256", "--seed", "0", "--eval-every", "100", "--no-progress"]
 LAB_BUILD_THREADS = 2
 
 
