@@ -1,6 +1,6 @@
 """SFT vs DFT vs MinorSFT on the lab, as the DFT paper compares SFT and DFT on math (avg@k at temperature 1.0).
 
-    python experiments/sft_vs_dft.py                      # 3 objectives x 3 seeds, ~20-30 min on 2 CPU cores
+    python experiments/sft_vs_dft.py                      # 3 objectives x 3 seeds, ~17 min on 2 CPU cores
     python experiments/sft_vs_dft.py --quick              # a smoke run of the whole pipeline in about a minute
 
 From the same lab base model, each objective trains with the same budget, data, learning rate and seeds; each final
