@@ -35,24 +35,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import write_random_checkpoint  # noqa: E402
+
 DEFAULT_CONFIG = REPO_ROOT.parent / "shared" / "models" / "qwen2.5-0.5b" / "config.json"
-
-
-def write_random_checkpoint(config_path: Path, layers: int | None, out_dir: Path) -> int:
-    """A random fp32 checkpoint of this config, written by the reference; returns its weight bytes."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    raw = json.loads(config_path.read_text())
-    raw.pop("torch_dtype", None)
-    raw["dtype"] = "float32"
-    if layers is not None:
-        raw["num_hidden_layers"] = layers
-        raw["max_window_layers"] = min(raw.get("max_window_layers", layers), layers)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**raw)).float()
-    model.save_pretrained(out_dir)
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix counts once
-    return nbytes
 
 
 def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

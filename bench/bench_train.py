@@ -42,6 +42,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import write_random_checkpoint  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DEFAULT_CONFIG = SHARED / "models" / "qwen2.5-0.5b" / "config.json"
 DEFAULT_TOKENIZER = SHARED / "models" / "qwen2.5-0.5b-instruct"
@@ -68,21 +71,6 @@ def current_rss() -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup (parent process): checkpoint and batch.
-
-def write_random_checkpoint(config_path: Path, layers: int | None, out_dir: Path) -> None:
-    """A random fp32 checkpoint of this config, written by the reference (run in a child: its memory goes away)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    raw = json.loads(config_path.read_text())
-    raw.pop("torch_dtype", None)
-    raw["dtype"] = "float32"
-    if layers is not None:
-        raw["num_hidden_layers"] = layers
-        raw["max_window_layers"] = min(raw.get("max_window_layers", layers), layers)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**raw)).float().save_pretrained(out_dir)
-
 
 def build_batch(batch_size: int, seq_len: int, tokenizer_dir: Path, data: Path, out_file: Path) -> dict:
     """The first `batch_size` conversations of at least `seq_len` tokens (with a trained token in their first

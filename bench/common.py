@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_random_checkpoint(config_path: Path, layers: int | None, out_dir: Path) -> int:
+    """A random fp32 checkpoint of this config (optionally cut to `layers`), written by the reference implementation;
+    returns its weight bytes (a tied matrix counts once). Imports torch and transformers only when called, so a
+    benchmark can run it in a child process and keep its own memory figures clean."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    raw = json.loads(config_path.read_text())
+    raw.pop("torch_dtype", None)
+    raw["dtype"] = "float32"
+    if layers is not None:
+        raw["num_hidden_layers"] = layers
+        raw["max_window_layers"] = min(raw.get("max_window_layers", layers), layers)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**raw)).float()
+    model.save_pretrained(out_dir)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
