@@ -14,12 +14,12 @@ small byte-level BPE tokenizer trained on them and shipped in data/lab_assets/to
 Specs (what `--data` accepts): `lab[:split][:layout]`, e.g. `lab`, `lab:test`, `lab:test-hard:prompt`,
 `lab:train:preference`, `lab:pretrain`; `lab:LAYOUT` alone means the train split.
 
-    split       rows  difficulty                                  use
-    train       4000  1-3 steps, 1-2 digit numbers, + - x          SFT / DPO / GRPO
-    test         200  same distribution as train                   in-distribution eval
-    test-hard    200  4-5 steps, 1-3 digit numbers                 more steps than any train row: generalisation
-    pretrain    8000  train distribution, another seed; a quarter  pre-training the tiny base model
-                      phrased as bare instructions for variety
+    split       rows   difficulty                                   use
+    train        4000  1-3 steps, start 1-99, amounts 1-9, + - x     SFT / DPO / GRPO
+    test          200  same distribution as train                    in-distribution eval
+    test-hard     200  4-5 steps, same numbers                       more steps than any train row: generalisation
+    pretrain    60000  train distribution, another seed; a quarter   pre-training the tiny base model
+                       phrased as bare instructions for variety
 
     layout      row (every row also has "id" and "answer", the final number as a string)
     text        {"text": problem + "\\n" + solution}                           default of `pretrain`
@@ -33,11 +33,15 @@ What the reader should know:
 1. Everything is a pure function of the split's seed (`random.Random(seed)`, no global state): the same split is
    the same list of rows on every machine and run. Problem texts never repeat within a split, and train and
    pretrain never contain a test or test-hard problem (they are generated last and skip those texts).
-2. Numbers never go below zero: a subtraction takes at most what there is. Multipliers are single digits, and a
-   step that would give the count more than one digit beyond the difficulty's longest number (999 for 1-2 digit
-   problems) is redrawn, so values stay short.
-3. Digits are single tokens (Qwen2's pre-tokenizer splits every digit), so the model must learn carrying;
-   the lab tokenizer merges only words, and a typical chat row is well under 120 tokens.
+2. Every number written stays in 0..99 (Difficulty.max_value): a subtraction takes at most what there is, and a
+   step that would push the count past 99 is redrawn. Amounts added or taken away are 1-9, and so are multipliers
+   and group sizes.
+3. Numbers are whole tokens: the lab tokenizer keeps Qwen2's pre-tokenizer except that a number (with its leading
+   space) stays in one piece, so each of " 0" .. " 99" is one id. With Qwen2's one-token-per-digit split, a 3M
+   model must learn multi-token copying and carrying, which a few million CPU tokens of pre-training do not teach
+   (greedy accuracy 0.08 after 1,500 steps); with whole numbers each step is one fact to recall and the base
+   learns the task. The lab is for seeing what an objective does, not for studying digit arithmetic. A typical
+   chat row is about 80 tokens.
 4. The system prompt is LAB_SYSTEM, written into every chat row and also the default of the lab tokenizer's chat
    template, so a chat without a system turn renders the same.
 5. `extract_boxed` and `answers_match` are the general answer checkers that eval uses for MATH-500 and GSM8K too.
@@ -61,21 +65,28 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from data.tokenizer import QWEN2_PATTERN, ChatTokenizer, _atomic_write, load_tokenizer
+
+# Qwen2's pre-tokenizer splits every digit; the lab's keeps a number (with its leading space) in one piece, so the
+# BPE learns each number up to the task's max_value as one token. See point 3 of the module docstring for why.
+LAB_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"| ?\p{N}+|")
+assert LAB_PATTERN != QWEN2_PATTERN
 from model.errors import UserError
 
 LAB_SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
 # Sizes and seeds of the splits; change a size here and every consumer follows.
-SPLIT_SIZES = {"train": 4000, "test": 200, "test-hard": 200, "pretrain": 8000}
+SPLIT_SIZES = {"train": 4000, "test": 200, "test-hard": 200, "pretrain": 60000}
 SPLIT_SEEDS = {"train": 1001, "test": 2002, "test-hard": 3003, "pretrain": 4004}
 LAYOUTS = ("messages", "text", "preference", "prompt")
 DEFAULT_LAYOUT = {"train": "messages", "test": "messages", "test-hard": "messages", "pretrain": "text"}
 PRETRAIN_INSTRUCTION_SHARE = 0.25  # share of pretrain rows in the bare "Start with 12. Add 7, ..." phrasing
-PRETRAIN_CHAT_EVERY = 5  # every 5th pretrain text row is a ChatML transcript, so the base model knows the format
+# Every Nth pretrain text row as a ChatML transcript (0: none). The shipped base has seen none: like a base model
+# before instruction tuning, it knows the task's text but not the chat format, and fine-tuning teaches that.
+PRETRAIN_CHAT_EVERY = 0
 
 LAB_ASSETS = Path(__file__).resolve().parent / "lab_assets"
 LAB_TOKENIZER_DIR = LAB_ASSETS / "tokenizer"
-LAB_BASE_DIR = LAB_ASSETS / "base"  # the pre-trained tiny base model (`python -m data.lab build-base`)
+LAB_BASE_DIR = LAB_ASSETS / "base"  # the pre-trained tiny base model (`python experiments/build_lab_base.py`)
 # Upper bound on ids (256 byte symbols + merges + 3 special tokens). The lab corpus saturates first, at about 540:
 # training stops once every word is a single token. A model should size its embedding from the tokenizer.
 LAB_MAX_VOCAB = 1024
@@ -84,19 +95,24 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 @dataclass(frozen=True)
 class Difficulty:
-    """How hard a problem is: number of operations, digits of the numbers in the problem, allowed operations.
+    """How hard a problem is: number of operations, sizes of its numbers, allowed operations.
 
-    steps and digits are inclusive (low, high) ranges drawn uniformly; ops is a subset of "+-x", each allowed
-    operation equally likely. Multipliers ("doubles", "3 bags of 4") are single digits and group sizes have at
-    most 2 digits; `digits` governs the start and every amount added or taken away.
+    steps, digits (of the starting count) and amount_digits (of every amount added or taken away, and of group
+    sizes) are inclusive (low, high) ranges drawn uniformly; ops is a subset of "+-x", each allowed operation
+    equally likely. Multipliers ("doubles", "3 bags of 4") are single digits. No written number exceeds max_value:
+    a start above it is redrawn, and so is a step that would take the count above it.
     """
 
     steps: tuple[int, int] = (1, 3)
     digits: tuple[int, int] = (1, 2)
     ops: str = "+-x"
+    amount_digits: tuple[int, int] = (1, 1)
+    max_value: int = 99
 
     def __post_init__(self) -> None:
-        for field, (low, high) in (("steps", self.steps), ("digits", self.digits)):
+        if self.max_value < 10:
+            raise UserError(f"Difficulty.max_value={self.max_value} must be at least 10.")
+        for field, (low, high) in (("steps", self.steps), ("digits", self.digits), ("amount_digits", self.amount_digits)):
             if not 1 <= low <= high:
                 raise UserError(f"Difficulty.{field}={(low, high)} must be a range (low, high) with 1 <= low <= high.")
         if not self.ops or set(self.ops) - set("+-x"):
@@ -104,7 +120,7 @@ class Difficulty:
 
 
 TRAIN_DIFFICULTY = Difficulty(steps=(1, 3), digits=(1, 2), ops="+-x")
-HARD_DIFFICULTY = Difficulty(steps=(4, 5), digits=(1, 3), ops="+-x")
+HARD_DIFFICULTY = Difficulty(steps=(4, 5), digits=(1, 2), ops="+-x")
 SPLIT_DIFFICULTY = {
     "train": TRAIN_DIFFICULTY,
     "test": TRAIN_DIFFICULTY,
@@ -284,32 +300,39 @@ def _draw_step(rng: random.Random, value: int, difficulty: Difficulty, cap: int)
             kind = "groups"
         phrase = _randint(rng, 0, 11)  # 12 is divisible by every wording count, so each wording is equally likely
         if kind == "add":
-            step = Step("add", _draw_number(rng, difficulty.digits), phrase=phrase)
+            step = Step("add", _draw_number(rng, difficulty.amount_digits), phrase=phrase)
         elif kind == "sub":
             if value == 0:
                 continue
-            amount = _draw_number(rng, difficulty.digits)
+            amount = _draw_number(rng, difficulty.amount_digits)
             step = Step("sub", amount if amount <= value else _randint(rng, 1, value), phrase=phrase)
         elif kind == "scale":
             if value == 0:  # "triples her 0 apples" teaches nothing
                 continue
             step = Step("scale", _choice(rng, (2, 2, 3, 3, 4, 5)), phrase=phrase)
         else:
-            d = _randint(rng, 1, min(2, difficulty.digits[1]))
+            d = _randint(rng, 1, min(2, difficulty.amount_digits[1]))
             size = _randint(rng, max(2, 10 ** (d - 1)), 10**d - 1)  # "bags of 1" reads oddly
             step = Step("groups", _randint(rng, 2, 9), size=size, phrase=phrase)
         if step.apply(value) <= cap:
             return step
         fallback = step
-    # Only "x" allowed and the count already large (let it grow), or only "-" and nothing left to take.
+    # Twenty unlucky draws (a few problems in 10,000, near the cap): take 1 away, or add 1 to an empty count, when
+    # the difficulty allows it. Otherwise only "x" is allowed and the count is already large (let it grow), or only
+    # "-" is allowed and nothing is left to take.
+    if value > 0 and "-" in difficulty.ops:
+        return Step("sub", 1, phrase=phrase)
+    if value < cap and "+" in difficulty.ops:
+        return Step("add", 1, phrase=phrase)
     return fallback if fallback is not None else Step("sub", 0)
 
 
-def _slip(rng: random.Random, start: int, steps: Sequence[Step]) -> tuple[int, int]:
-    """(step index, offset) of an arithmetic slip that keeps every written number >= 0.
+def _slip(rng: random.Random, start: int, steps: Sequence[Step], cap: int) -> tuple[int, int]:
+    """(step index, offset) of an arithmetic slip that keeps every written number in [0, cap].
 
     The final answer always changes: later add/sub/groups steps carry the offset unchanged, and scale steps
-    multiply it by their factor (>= 2), so it never returns to zero.
+    multiply it by their factor (>= 2), so it never returns to zero. The step is drawn first; when no offset fits
+    there, the other steps are tried in order.
     """
     index = _randint(rng, 0, len(steps) - 1)
     offsets = [1, -1, 2, -2, 10, -10]
@@ -317,12 +340,13 @@ def _slip(rng: random.Random, start: int, steps: Sequence[Step]) -> tuple[int, i
     values = [start]
     for step in steps:
         values.append(step.apply(values[-1]))
-    for offset in offsets:
-        written = [values[index + 1] + offset]
-        for step in steps[index + 1:]:
-            written.append(step.apply(written[-1]))
-        if min(written) >= 0:
-            return index, offset
+    for at in [index] + [i for i in range(len(steps)) if i != index]:
+        for offset in offsets:
+            written = [values[at + 1] + offset]
+            for step in steps[at + 1:]:
+                written.append(step.apply(written[-1]))
+            if 0 <= min(written) and max(written) <= cap:
+                return at, offset
     return index, 1  # a positive offset always keeps every number >= 0
 
 
@@ -331,7 +355,9 @@ def generate_problem(rng: random.Random, difficulty: Difficulty, style: str = "s
     name, pronoun, possessive = _choice(rng, NAMES)
     noun = _choice(rng, NOUNS)
     start = _draw_number(rng, difficulty.digits)
-    cap = 10 ** (difficulty.digits[1] + 1) - 1
+    while start > difficulty.max_value:
+        start = _draw_number(rng, difficulty.digits)
+    cap = difficulty.max_value
     steps: list[Step] = []
     value = start
     for _ in range(_randint(rng, *difficulty.steps)):
@@ -339,7 +365,7 @@ def generate_problem(rng: random.Random, difficulty: Difficulty, style: str = "s
         value = steps[-1].apply(value)
     problem, labels, opening = _render(style, name, pronoun, possessive, noun, start, steps)
     solution, answer = _solution(opening, labels, start, steps)
-    slip_step, slip = _slip(rng, start, steps)
+    slip_step, slip = _slip(rng, start, steps, cap)
     rejected, _ = _solution(opening, labels, start, steps, slip_step, slip)
     return Problem(style, name, pronoun, possessive, noun, start, tuple(steps), problem, solution, rejected, answer)
 
@@ -431,7 +457,7 @@ def load_lab(spec: str) -> list[dict[str, Any]]:
     """The rows of a lab spec, e.g. `lab`, `lab:test-hard`, `lab:train:preference`, `lab:test:prompt`."""
     split, layout = parse_lab_spec(spec)
     rows = [to_row(p, layout, f"lab-{split}-{i:05d}") for i, p in enumerate(lab_problems(split))]
-    if split == "pretrain" and layout == "text":
+    if split == "pretrain" and layout == "text" and PRETRAIN_CHAT_EVERY:
         # Like a real base model, the lab's has seen chat transcripts in pre-training: without them it would meet
         # <|im_start|> for the first time in fine-tuning, and every objective would first spend its budget on format.
         for row, problem in zip(rows[::PRETRAIN_CHAT_EVERY], lab_problems(split)[::PRETRAIN_CHAT_EVERY]):
@@ -583,7 +609,7 @@ def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
     tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(LAB_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
@@ -617,7 +643,7 @@ def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
         "model_max_length": 2048,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",  # not Qwen2Tokenizer: that would impose the digit-splitting pattern
         "unk_token": None,
     }
     out = Path(out_dir)
@@ -650,53 +676,6 @@ def _print_row(row: dict[str, Any]) -> None:
     print()
 
 
-# ----- the tiny base model -----
-
-# A Qwen2 of 3.3M parameters: same model code as Qwen2.5, only smaller. The vocabulary is the lab tokenizer's 537 ids
-# rounded up to a multiple of 64.
-LAB_MODEL_CONFIG = {
-    "vocab_size": 576, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True, "max_position_embeddings": 512, "torch_dtype": "float32",
-}
-# Pre-training recipe: plain next-token prediction on the `pretrain` split's text rows. Threads are fixed because the
-# order of floating-point sums in matrix products depends on them, and the rebuild must be bit for bit.
-LAB_PRETRAIN_ARGS = ["--loss", "sft", "--data", "lab:pretrain", "--epochs", "4", "--batch-size", "32",
-                     "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-ratio", "0.05", "--weight-decay", "0.1",
-                     "--max-len", "256", "--seed", "0", "--eval-every", "100", "--no-progress"]
-LAB_BUILD_THREADS = 2
-
-
-def build_lab_base(out_dir: str | Path = LAB_BASE_DIR, work_dir: str | Path | None = None) -> Path:
-    """Initialise the tiny Qwen2 and pre-train it with train.py on lab:pretrain; write the checkpoint to out_dir."""
-    import shutil
-    import tempfile
-
-    import torch
-
-    import train
-    from data.tokenizer import load_tokenizer
-    from model import Qwen2Config, Qwen2ForCausalLM, save_model
-
-    torch.set_num_threads(LAB_BUILD_THREADS)
-    work = Path(work_dir or tempfile.mkdtemp(prefix="lab_base_"))
-    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "eos_token_id": load_tokenizer(LAB_TOKENIZER_DIR).eos_token_id})
-    init = save_model(Qwen2ForCausalLM(config).init_weights(std=0.02, seed=0), work / "init",
-                      tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
-    args = train.parse_args(LAB_PRETRAIN_ARGS + ["--model", str(init), "--out", str(work / "pretrain")])
-    print(f"pre-training the lab base model: python train.py {' '.join(LAB_PRETRAIN_ARGS)} (in {work})")
-    train.train(args)
-    out_dir = Path(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.copytree(work / "pretrain" / "final", out_dir)
-    shutil.copy(work / "pretrain" / "metrics.jsonl", out_dir / "metrics.jsonl")
-    # The recorded args name the build's temporary directories; keep the recipe, not this machine's paths.
-    recorded = json.loads((out_dir / "args.json").read_text())
-    recorded.update(model="<init written by build_lab_base>", out="<build work dir>")
-    (out_dir / "args.json").write_text(json.dumps(recorded, indent=2) + "\n")
-    return out_dir
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.lab", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -711,16 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
     export.add_argument("--out", required=True, help="output .jsonl file")
     commands.add_parser("stats", help="token counts of chat-formatted rows per split, with the shipped tokenizer")
-    base = commands.add_parser("build-base", help="pre-train the tiny base model with train.py and write it to --out")
-    base.add_argument("--out", default=str(LAB_BASE_DIR), help="output directory (default: the shipped one)")
-    base.add_argument("--work-dir", default=None, help="where the init and the run go (default: a temp dir)")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "build-tokenizer":
             print(f"wrote {build_lab_tokenizer(args.out)}")
-        elif args.command == "build-base":
-            print(f"wrote {build_lab_base(args.out, args.work_dir)}")
         elif args.command == "stats":
             for split in SPLIT_SIZES:
                 s = token_stats(split)

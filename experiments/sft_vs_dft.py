@@ -8,6 +8,8 @@ checkpoint is then scored by avg@k and pass@k on the in-distribution test split 
 any training problem: the generalisation the DFT paper claims). Writes to --out:
   results.md / results.json   the table, mean +- std over seeds
   curves.png                  loss (the plain NLL, comparable across objectives) and grad norm per step
+  token_probs.json / .png     the DFT paper's Figure 2: p(target token) over the training answers, for the base
+                              model and the first seed of each objective
   <loss>_seed<N>/             each run: metrics.jsonl, final/ checkpoint, eval samples
 """
 
@@ -38,6 +40,9 @@ def run_one(loss: str, seed: int, args, out: Path) -> dict:
     train.train(train.parse_args(train_args))
     train_time = time.perf_counter() - t0
     scores = {"train_seconds": train_time}
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    if evals:
+        scores["held-out NLL"] = evals[-1]["eval_nll"]
     for split in ("test", "test-hard"):
         ev = evaluation.parse_args(["--metric", "accuracy", "--model", str(run_dir / "final"),
                                     "--data", f"lab:{split}:prompt", "--k", str(args.k),
@@ -61,6 +66,10 @@ def base_scores(args, out: Path) -> dict:
         result = evaluation.run(ev)["results"]["lab"]
         scores[f"{split} avg@{args.k}"] = result[f"avg@{args.k}"]
         scores[f"{split} pass@{args.k}"] = result[f"pass@{args.k}"]
+    # The same held-out NLL that train.py's final eval reports for each run (the test split's solutions).
+    ev = evaluation.parse_args(["--metric", "nll", "--model", "lab", "--data", "lab:test",
+                                "--out", str(out / "base_eval_nll.json")])
+    scores["held-out NLL"] = evaluation.run(ev)["results"]["lab"]["nll"]
     return scores
 
 
@@ -144,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": summary}, indent=2) + "\n")
+    if not args.quick:  # the paper's Figure 2: where each objective puts the probability of the target tokens
+        histogram = evaluation.parse_args(
+            ["--metric", "token-probs", "--model", "lab"]
+            + [a for loss in args.losses for a in ("--model", str(out / f"{loss}_seed{args.seeds[0]}" / "final"))]
+            + ["--data", "lab:train", "--limit", "500", "--out", str(out / "token_probs.json")])
+        evaluation.run(histogram)
     if plot_curves(curves, out / "curves.png"):
         print(f"curves: {out / 'curves.png'}")
     print(f"results: {out / 'results.md'}")

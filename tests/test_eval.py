@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import eval as evaluation
-from data.lab import LAB_BASE_DIR, LAB_MODEL_CONFIG, load_lab
+from data.lab import LAB_BASE_DIR, load_lab
+from experiments.build_lab_base import LAB_MODEL_CONFIG
 from model import Qwen2Config, load_model
 
 from tests.conftest import REPO_ROOT, SHARED, requires_shared

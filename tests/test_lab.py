@@ -142,6 +142,15 @@ def test_record_rederives_answer_and_problem_states_the_record(split):
         assert stated == expected, problem.problem
 
 
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_written_number_fits_the_split_range(split):
+    # Whole-number tokens cover 0..max_value; a number past it would be split into pieces the base never saw.
+    cap = lab.SPLIT_DIFFICULTY[split].max_value
+    for problem in lab_problems(split):
+        numbers = [int(n) for n in re.findall(r"\d+", problem.problem + problem.solution + problem.rejected_solution)]
+        assert max(numbers) <= cap, problem.solution
+
+
 def test_test_hard_is_harder_than_every_training_row():
     train = lab_problems("train") + lab_problems("pretrain")
     max_steps = max(p.n_steps for p in train)
@@ -170,7 +179,7 @@ def test_layouts_carry_the_fields_they_promise():
             for i, (row, problem) in enumerate(zip(rows[:50], problems)):
                 assert row["answer"] == str(problem.answer)
                 prompt = [{"role": "system", "content": LAB_SYSTEM}, {"role": "user", "content": problem.problem}]
-                if layout == "text" and split == "pretrain" and i % PRETRAIN_CHAT_EVERY == 0:
+                if layout == "text" and split == "pretrain" and PRETRAIN_CHAT_EVERY and i % PRETRAIN_CHAT_EVERY == 0:
                     assert row["text"] == chatml_transcript(problem)  # the base model's share of chat transcripts
                 elif layout == "text":
                     assert row["text"] == problem.problem + "\n" + problem.solution
@@ -304,14 +313,17 @@ def test_tokenizer_special_tokens_and_config(tok):
     assert sorted(config["added_tokens_decoder"]) == [str(i) for i in ids]
 
 
-def test_tokenizer_round_trips_and_keeps_digits_single(tok):
+def test_tokenizer_round_trips_and_keeps_numbers_whole(tok):
     texts = [r["text"] for split in SPLITS for r in load_lab(f"lab:{split}:text")[:100]]
     texts += [LAB_SYSTEM, "caf\u00e9 \U0001F600 \u4f60\u597d {x}\t\r\n", "<|im_start|>user\nhi<|im_end|>"]
     for text in texts:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         for token in (tok.decode([i]) for i in ids):
-            assert not re.search(r"\d", token) or re.fullmatch(r"\d", token), token
+            assert not re.search(r"\d", token) or re.fullmatch(r" ?\d+", token), token
+    # Every number the task can write (0 .. max_value) is one token, with or without its leading space.
+    for n in range(lab.TRAIN_DIFFICULTY.max_value + 1):
+        assert len(tok.encode(f" {n}")) == 1 and len(tok.encode(str(n))) == 1, n
     # The corpus' words are whole tokens: the vocabulary saturated before LAB_MAX_VOCAB.
     for word in (" marbles", "Solve", "boxed", " starts", " gives", " away", " times", " many"):
         assert len(tok.encode(word)) == 1, word
