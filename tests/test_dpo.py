@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -249,3 +251,169 @@ def test_prompt_included_form_equals_response_only_when_prompts_are_identical(ti
     cut = [pair_examples(p, c, r, "sequence", index=i, rejected_prompt=p[3:]) for i, (p, c, r) in enumerate(raw)]
     loss_cut, _ = dpo_on_model(policy, ref, cut)
     assert abs(loss_cut - loss_r) > 1e-3
+
+
+# ---------------------------------------------------------------- train.py with preference pairs
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train  # noqa: E402
+from tests.conftest import REPO_ROOT, SHARED, requires_shared  # noqa: E402
+from tests.test_train import assert_rows_match, assert_same_weights, base_flags, model_dir, read_rows  # noqa: E402,F401
+
+ULTRAFEEDBACK = SHARED / "data" / "ultrafeedback" / "messages_500.jsonl"
+PAIR_KEYS = ("loss", "grad_norm", "nll", "reward_chosen", "reward_rejected", "margin", "reward_accuracy",
+             "logp_chosen", "logp_rejected", "trained_tokens")
+
+
+@pytest.fixture(scope="module")
+def uf_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """uf8.jsonl: the 8 shared UltraFeedback rows with the shortest replies, ties left out (cut to --max-len 64)."""
+    if not ULTRAFEEDBACK.is_file():
+        pytest.skip(f"{ULTRAFEEDBACK} not found")
+    rows = [json.loads(line) for line in ULTRAFEEDBACK.read_text().splitlines()]
+    rows = [r for r in rows if r["score_chosen"] != r["score_rejected"]]
+    rows.sort(key=lambda r: len(r["chosen"][-1]["content"]) + len(r["rejected"][-1]["content"]))
+    path = tmp_path_factory.mktemp("uf") / "uf8.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(cache))
+    return cache
+
+
+def run_dpo(model_dir: Path, data: Path, out: Path, *flags: str) -> list[dict]:
+    train.train(train.parse_args([*base_flags(model_dir, data, out), "--max-len", "64", "--loss", "dpo", *flags]))
+    return read_rows(out)
+
+
+@requires_shared
+def test_dpo_from_the_command_line_learns_the_training_pairs_and_saves_a_loadable_checkpoint(
+        model_dir: Path, uf_rows: Path, tmp_path: Path):
+    """dpo and minor_dpo, 10 steps over the same 4 pairs at lr 1e-2: step 1 is at pi == pi_ref (loss log 2, margin 0);
+    the loss falls and the implicit-reward accuracy on those pairs reaches 1. The final checkpoint loads in the
+    reference implementation and gives our logits."""
+    procs = {}
+    for loss in ("dpo", "minor_dpo"):
+        out = tmp_path / loss
+        args = [*base_flags(model_dir, uf_rows, out), "--max-len", "64", "--loss", loss, "--max-steps", "10",
+                "--lr", "1e-2", "--schedule", "constant", "--max-examples", "4"]
+        procs[loss] = (out, subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO_ROOT, text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    for loss, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "done (reached --max-steps): 10 steps" in stdout
+        rows = read_rows(out)
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and rows[0]["margin"] == pytest.approx(0, abs=1e-6)
+        assert rows[-1]["loss"] < 0.75 * math.log(2), f"{loss}: loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f}"
+        assert [r["reward_accuracy"] for r in rows[-3:]] == [1.0, 1.0, 1.0]
+        assert json.loads((out / "final" / "args.json").read_text())["loss"] == loss
+
+    from transformers import Qwen2ForCausalLM
+
+    from model import load_model
+    final = tmp_path / "dpo" / "final"
+    reference = Qwen2ForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ours, _ = load_model(str(final), torch.float32, "cpu")
+    ids = torch.tensor([[151644, 872, 198, 9707, 11, 1879, 0, 151645]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=0, atol=1e-5)
+    changed = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).model.embed_tokens.weight
+    assert not torch.equal(changed, reference.model.embed_tokens.weight), "no training happened"
+
+
+@requires_shared
+def test_precomputed_reference_equals_live_reference(model_dir: Path, uf_rows: Path, tmp_path: Path,
+                                                     private_cache: Path):
+    flags = ("--max-steps", "2", "--batch-size", "4")
+    cached = run_dpo(model_dir, uf_rows, tmp_path / "cached", *flags)
+    assert len(list(private_cache.glob("ref_logps/*.pt"))) == 1
+    live = run_dpo(model_dir, uf_rows, tmp_path / "live", *flags, "--ref-mode", "live")
+    assert_rows_match(live, cached, PAIR_KEYS, rtol=1e-5)
+    assert cached[1]["margin"] != 0.0, "step 2 must have moved away from the reference"
+
+
+@requires_shared
+def test_one_micro_batch_of_8_pairs_equals_4_of_2(model_dir: Path, uf_rows: Path, tmp_path: Path):
+    """Exact accumulation with the pair as the unit (lr 1e-4 and tolerances as in test_train's accumulation test).
+    minor_dpo shares every line of this path but its loss function."""
+    extra = ["--max-steps", "2", "--lr", "1e-4"]
+    whole = run_dpo(model_dir, uf_rows, tmp_path / "whole", *extra, "--batch-size", "8", "--grad-accum", "1")
+    split = run_dpo(model_dir, uf_rows, tmp_path / "split", *extra, "--batch-size", "2", "--grad-accum", "4")
+    assert_rows_match(split, whole, PAIR_KEYS, rtol=1e-6)
+    assert_same_weights(tmp_path / "split" / "final", tmp_path / "whole" / "final", atol=1e-6)
+
+
+@requires_shared
+def test_packed_equals_padded(model_dir: Path, uf_rows: Path, tmp_path: Path):
+    """--pack puts each micro-batch's 16 sequences (8 pairs) into rows of --max-len tokens instead of 16 padded
+    rows: the same pairs, the same step."""
+    extra = ["--max-steps", "2", "--lr", "1e-4", "--batch-size", "8"]
+    packed = run_dpo(model_dir, uf_rows, tmp_path / "packed", *extra, "--pack")
+    padded = run_dpo(model_dir, uf_rows, tmp_path / "padded", *extra)
+    assert packed[0]["tokens"] == padded[0]["tokens"]  # real tokens, padding excluded: the same sequences
+    assert_rows_match(packed, padded, PAIR_KEYS, rtol=1e-5)
+    assert_same_weights(tmp_path / "packed" / "final", tmp_path / "padded" / "final", atol=1e-6)
+
+
+# ---------------------------------------------------------------- eval.py --metric preference / responses
+
+import eval as evaluation  # noqa: E402
+from data.datasets import load_rows  # noqa: E402
+from data.lab import LAB_BASE_DIR  # noqa: E402
+from data.preference import tokenize_preference_rows  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
+
+
+def test_eval_preference_matches_a_naive_computation(tmp_path: Path):
+    """Eq. 4 accuracy recomputed without the kernel or collate_pairs: one unpadded forward per sequence, full
+    log_softmax, response tokens picked by the loss mask. With --ref-model equal to --model every margin is exactly
+    0, which is not a win: reward accuracy 0."""
+    out = tmp_path / "pref.json"
+    payload = evaluation.run(evaluation.parse_args(["--metric", "preference", "--model", "lab", "--ref-model", "lab",
+                                                    "--limit", "12", "--out", str(out)]))
+    assert payload["data"] == "lab:test:preference" and json.loads(out.read_text())["results"]
+    result = payload["results"]["lab"]
+    model, _ = load_model(str(LAB_BASE_DIR), torch.float32, "cpu")
+    pairs, _ = tokenize_preference_rows(load_rows("lab:test:preference")[:12], load_tokenizer(LAB_BASE_DIR), 1024)
+
+    def naive(example):
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        mask = torch.tensor(example.loss_mask[1:], dtype=torch.bool)
+        return float(logp[mask].sum()), int(mask.sum())
+
+    sums = [(naive(p.chosen), naive(p.rejected)) for p in pairs]
+    wins = [lc > lr for (lc, _), (lr, _) in sums]
+    wins_norm = [lc / mc > lr / mr for (lc, mc), (lr, mr) in sums]
+    assert 0 < sum(wins) < len(wins), "the test needs both outcomes among its pairs"
+    assert result["pairs"] == 12
+    assert result["accuracy"] == pytest.approx(np.mean(wins))
+    assert result["accuracy_length_normalized"] == pytest.approx(np.mean(wins_norm))
+    assert result["logp_chosen"] == pytest.approx(np.mean([lc for (lc, _), _ in sums]), rel=1e-5)
+    assert result["reward_accuracy"] == 0.0
+
+
+def test_eval_responses_side_by_side_markdown(tmp_path: Path):
+    out = tmp_path / "resp.json"
+    payload = evaluation.run(evaluation.parse_args(["--metric", "responses", "--model", "lab", "--model",
+                                                    str(LAB_BASE_DIR), "--limit", "2", "--temperature", "0",
+                                                    "--max-new-tokens", "24", "--out", str(out)]))
+    text = out.with_suffix(".md").read_text()
+    rows = load_rows("lab:test:prompt")[:2]
+    for i, row in enumerate(rows):
+        assert f"## Prompt {i + 1}" in text and row["prompt"][-1]["content"] in text
+        reply = payload["responses"][i]
+        assert reply["lab"] == reply[str(LAB_BASE_DIR)] and reply["lab"].strip() in text  # greedy, same weights
+    assert text.count("**lab**") == 2 and text.count(f"**{LAB_BASE_DIR}**") == 2
