@@ -417,3 +417,29 @@ def test_eval_responses_side_by_side_markdown(tmp_path: Path):
         reply = payload["responses"][i]
         assert reply["lab"] == reply[str(LAB_BASE_DIR)] and reply["lab"].strip() in text  # greedy, same weights
     assert text.count("**lab**") == 2 and text.count(f"**{LAB_BASE_DIR}**") == 2
+
+
+# ---------------------------------------------------------------- experiments/sft_then_dpo.py
+
+
+def test_sft_then_dpo_quick_run(tmp_path: Path):
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments/sft_then_dpo.py"), "--quick", "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert list(results) == ["base", "sft", "dpo_base", "dpo_sft"]
+    for name, scores in results.items():
+        assert 0.0 <= scores["accuracy"]["mean"] <= 1.0
+        assert ("reward_accuracy" in scores) == name.startswith("dpo")
+    assert "| 4 | DPO from SFT |" in (out / "results.md").read_text()
+    for run in ("sft", "dpo_base", "dpo_sft"):
+        rows = [json.loads(line) for line in (out / f"{run}_seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if not r.get("eval")] == [1, 2, 3]
+    dpo_rows = [json.loads(line) for line in (out / "dpo_sft_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert dpo_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # its reference is the SFT checkpoint
+    assert json.loads((out / "dpo_sft_seed0" / "final" / "args.json").read_text())["model"].endswith("sft_seed0/final")
+    side = (out / "responses.md").read_text()
+    for name in ("**base**", "**SFT**", "**DPO from the base (no SFT)**", "**DPO from SFT**"):
+        assert side.count(name) == 1
