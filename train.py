@@ -298,6 +298,16 @@ def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: 
 # --batch-size pairs puts its 2 x batch-size sequences through one forward (2P rows, or with --pack the 2P sequences
 # packed into rows of --max-len tokens); the loss's unit is the pair.
 
+def check_preference_flags(args) -> None:
+    """The preference flags' ranges, before any work (issue 11 will check every flag the same way)."""
+    if args.beta is not None and not args.beta > 0:
+        raise UserError(f"--beta {args.beta} must be > 0 (e.g. 0.1).")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5) (e.g. 0.1).")
+    if args.label_smoothing and (args.loss != "dpo" or args.dpo_variant not in ("cdpo", "robust")):
+        raise UserError("--label-smoothing applies only to --loss dpo --dpo-variant cdpo or robust.")
+
+
 def load_examples(args, tok, spec: str, split: str, report: bool = False) -> list:
     """Tokenized examples of a dataset spec: Examples, or PreferencePairs for the preference objectives."""
     rows = load_rows(spec, split)
@@ -425,6 +435,8 @@ def train(args: argparse.Namespace) -> dict:
     device = args.device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; drop --device to use the CPU.")
+    if args.loss in PREFERENCE_LOSSES:
+        check_preference_flags(args)
     precision = Precision(device, args.dtype)
     out = Path(args.out)
     resume_dir = find_resume_dir(args) if args.resume else None

@@ -221,3 +221,12 @@ def test_collate_pairs_padded_and_packed(tok):
     for k, pair in enumerate(pairs):
         on = (with_ref["sequence_ids"] == with_ref["rejected_seq"][k]) & (with_ref["loss_mask"] > 0)
         assert torch.all(with_ref["ref_logps"][on] == pair.rejected.index)
+
+
+@pytest.mark.parametrize("flags,message", [(["--label-smoothing", "0.5", "--dpo-variant", "cdpo"], "--label-smoothing 0.5"),
+                                           (["--beta", "-1"], "--beta -1.0"),
+                                           (["--label-smoothing", "0.1"], "--label-smoothing applies only")])
+def test_out_of_range_preference_flags_are_one_error_line(flags: list[str], message: str):
+    import train
+    with pytest.raises(UserError, match=message):
+        train.train(train.parse_args(["--loss", "dpo", "--out", "/nonexistent/never-written", *flags]))
