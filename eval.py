@@ -4,6 +4,8 @@
     python eval.py --metric nll --model lab --model runs/sft/final --data lab:test
     python eval.py --metric token-probs --model runs/sft/final --model runs/dft/final --data lab:train
     python eval.py --metric deviation --model runs/minor/final --ref-model lab --data lab:test
+    python eval.py --metric preference --model lab --model runs/dpo/final --ref-model lab --data lab:test:preference
+    python eval.py --metric responses --model lab --model runs/dpo/final --data lab:test:prompt --limit 5
 
 Metrics:
   accuracy     k samples per problem at --temperature with sample.py's batched generation; the last \\boxed{} of a
@@ -14,6 +16,12 @@ Metrics:
                histogram table (and a PNG when matplotlib is installed).
   deviation    MinorSFT's m_theta (its Eq. 8) against --ref-model: the mean over responses of the per-token
                log-ratio log pi_theta(y|x) - log pi_ref(y|x).
+  preference   on preference pairs (data/preference.py layouts; ties dropped unless --keep-ties): paper 000's
+               Eq. 4 accuracy, the share of pairs with log pi(y_w|x) > log pi(y_l|x) (sums over the response
+               tokens); the same with per-token mean log-probs (length-normalised); and with --ref-model the
+               implicit-reward accuracy, log pi/pi_ref(y_w|x) > log pi/pi_ref(y_l|x) (DPO's reward accuracy).
+  responses    each --model's reply to the same prompts (the first --limit rows of --data), written side by side
+               to a Markdown file next to --out, as papers 000 and 004 show them; --temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -31,12 +39,15 @@ import torch
 from data.collate import collate
 from data.datasets import LAYOUT_FIELDS, detect_layout, load_rows, row_to_messages, tokenize_rows
 from data.lab import LAB_BASE_DIR, answers_match, extract_boxed
+from data.preference import collate_pairs, pair_messages, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
 from losses.logprobs import sequence_logprobs
 from model import UserError, default_device, load_model
 from sample import generate, generation_eos_ids
 
-METRICS = ("accuracy", "nll", "token-probs", "deviation")
+METRICS = ("accuracy", "nll", "token-probs", "deviation", "preference", "responses")
+DEFAULT_DATA = "lab:test"
+LAB_LAYOUT_OF_METRIC = {"preference": "preference", "responses": "prompt"}
 PROB_BINS = np.array([0.0, 1e-3, 1e-2, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0 + 1e-9])
 
 
@@ -152,6 +163,94 @@ def deviation(logps: list[torch.Tensor], ref_logps: list[torch.Tensor]) -> dict:
     return {"deviation": float(np.mean(per_token)), "seq_log_ratio": float(np.mean(seq)), "responses": len(seq)}
 
 
+# ---- preference pairs and side-by-side responses ------------------------------------------------------------
+
+def preference_pairs(tok, rows, args) -> list:
+    pairs, stats = tokenize_preference_rows(rows, tok, args.max_len, source=args.data, keep_ties=args.keep_ties)
+    if not pairs:
+        raise UserError(f"{args.data} yields no preference pair to score ({stats['ties']} ties dropped, "
+                        f"{stats['dropped_empty']} with nothing left after --max-len {args.max_len}).")
+    return pairs
+
+
+@torch.no_grad()
+def pair_sums(model, tok, pairs, batch_size: int) -> dict[int, tuple[tuple, float, float, float, float]]:
+    """Per pair index: (its token ids, log pi(y_w|x), log pi(y_l|x), |y_w|, |y_l|), sums over the response tokens."""
+    device = next(model.parameters()).device
+    out = {}
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, tok.pad_token_id).items()}
+        seq = sequence_logprobs(model, batch).float().sum(1).cpu()  # (2P,) one sequence per row
+        length = batch["loss_mask"].sum(1).cpu()  # (2P,)
+        c, r = batch["chosen_seq"].cpu(), batch["rejected_seq"].cpu()
+        for k, pair in enumerate(chunk):
+            ids = (tuple(pair.chosen.input_ids), tuple(pair.rejected.input_ids))
+            out[pair.index] = (ids, float(seq[c[k]]), float(seq[r[k]]), float(length[c[k]]), float(length[r[k]]))
+    return out
+
+
+def preference(sums: dict, ref_sums: dict | None) -> dict:
+    """Paper 000's Eq. 4 accuracy, its length-normalised form, and (with the reference) the reward accuracy."""
+    rows = list(sums.values())
+    result = {"pairs": len(rows),
+              "accuracy": float(np.mean([lc > lr for _, lc, lr, _, _ in rows])),
+              "accuracy_length_normalized": float(np.mean([lc / mc > lr / mr for _, lc, lr, mc, mr in rows])),
+              "logp_chosen": float(np.mean([lc for _, lc, _, _, _ in rows])),
+              "logp_rejected": float(np.mean([lr for _, _, lr, _, _ in rows]))}
+    if ref_sums is not None:
+        wins = []
+        for index, (ids, lc, lr, _, _) in sums.items():
+            ref_ids, rc, rr, _, _ = ref_sums[index]
+            if ids != ref_ids:
+                raise UserError("--ref-model tokenizes the pairs differently from --model; implicit rewards need "
+                                "the same tokenizer (use a reference from the same model family).")
+            wins.append((lc - rc) > (lr - rr))
+        result["reward_accuracy"] = float(np.mean(wins))
+    return result
+
+
+def prompt_of(row: dict, where: str) -> list[dict]:
+    """The prompt turns of a row of any layout: `prompt` (string or turns), a preference pair's shared turns, or a
+    chat's turns up to its last non-assistant one."""
+    if "chosen" in row and "rejected" in row:
+        return pair_messages(row, where)[0]
+    if "prompt" in row and isinstance(row["prompt"], (str, list)) and "completion" not in row:
+        prompt = row["prompt"]
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    messages = row_to_messages(row, detect_layout(row, where), where)
+    if messages is None:
+        raise UserError(f"{where}: a plain text row has no prompt; use a chat, prompt or preference layout.")
+    last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
+    return messages[:last_user + 1]
+
+
+def responses(model, model_dir: Path, tok, prompts: list[list[dict]], args) -> list[str]:
+    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    texts = []
+    for s in range(0, len(prompts), args.batch_size):
+        ids = [tok.encode_prompt(p) for p in prompts[s:s + args.batch_size]]
+        outs = generate(model, ids, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p,
+                        tok.pad_token_id, generator)
+        texts += [tok.decode(out, skip_special_tokens=True) for out in outs]
+    return texts
+
+
+def responses_markdown(prompts: list[list[dict]], answers: dict[str, list[str]], args) -> str:
+    """One section per prompt: the prompt's last user turn, then each model's reply under the model's name."""
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.seed}"
+    lines = ["# Responses side by side", "",
+             f"Data: `{args.data}`, {len(prompts)} prompts; {how}; at most {args.max_new_tokens} new tokens.", ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"## Prompt {i + 1}", ""]
+        lines += ["> " + line for line in prompt[-1]["content"].splitlines() or [""]]
+        lines.append("")
+        for name, texts in answers.items():
+            lines += [f"**{name}**", "", "````text", texts[i].rstrip(), "````", ""]
+    return "\n".join(lines)
+
+
 # ---- reporting --------------------------------------------------------------------------------------------------
 
 def bin_label(i: int) -> str:
@@ -203,10 +302,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metric", choices=METRICS, default="accuracy")
     ap.add_argument("--model", action="append", required=True, help="checkpoint dir, hub id or 'lab'; repeat to compare")
-    ap.add_argument("--data", default="lab:test", help="dataset spec (file, directory, hub id, lab[:split])")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset spec (file, directory, hub id, lab[:split]); "
+                    "the default lab:test is read as lab:test:preference / lab:test:prompt by those metrics")
     ap.add_argument("--split", default="test", help="split of a hub or directory dataset")
     ap.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    ap.add_argument("--ref-model", default=None, help="reference model for --metric deviation")
+    ap.add_argument("--ref-model", default=None,
+                    help="reference model for --metric deviation (required) and preference (optional: adds the "
+                    "implicit-reward accuracy)")
+    ap.add_argument("--keep-ties", action="store_true",
+                    help="preference: keep pairs whose score_chosen == score_rejected (default: drop them)")
     g = ap.add_argument_group("generation (accuracy)")
     g.add_argument("--k", type=int, default=4, help="samples per problem (avg@k, pass@k)")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -227,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.metric == "deviation" and not args.ref_model:
         raise UserError("--metric deviation needs --ref-model (the model to measure the deviation from).")
+    if args.data == DEFAULT_DATA and args.metric in LAB_LAYOUT_OF_METRIC:  # the lab split in this metric's layout
+        args.data = f"{DEFAULT_DATA}:{LAB_LAYOUT_OF_METRIC[args.metric]}"
     device = args.device or default_device()
     rows = load_rows(args.data, args.split)
     if args.limit:
@@ -234,6 +340,15 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out or f"eval_{args.metric.replace('-', '_')}.json")
     results: dict[str, dict] = {}
     ref_logps = None
+    ref_sums = None
+    if args.metric == "preference" and args.ref_model:
+        ref, ref_dir = load_model(model_spec(args.ref_model), args.dtype, device)
+        ref_tok = load_tokenizer(ref_dir)
+        ref_sums = pair_sums(ref, ref_tok, preference_pairs(ref_tok, rows, args), args.batch_size)
+        del ref
+    prompts = [prompt_of(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
+               for i, row in enumerate(rows)] if args.metric == "responses" else []
+    answers: dict[str, list[str]] = {}
     if args.metric == "deviation":
         ref, ref_dir = load_model(model_spec(args.ref_model), args.dtype, device)
         ref_tok = load_tokenizer(ref_dir)
@@ -245,6 +360,13 @@ def run(args: argparse.Namespace) -> dict:
         tok = load_tokenizer(model_dir)
         if args.metric == "accuracy":
             results[name], all_records[name] = accuracy(model, model_dir, tok, rows, args)
+        elif args.metric == "preference":
+            results[name] = preference(pair_sums(model, tok, preference_pairs(tok, rows, args), args.batch_size),
+                                       ref_sums)
+        elif args.metric == "responses":
+            answers[name] = responses(model, model_dir, tok, prompts, args)
+            results[name] = {"prompts": len(prompts),
+                             "mean_chars": float(np.mean([len(t) for t in answers[name]])) if prompts else 0.0}
         else:
             logps = per_token_logps(model, tok, response_examples(tok, rows, args), args.batch_size)
             if args.metric == "nll":
@@ -263,6 +385,12 @@ def run(args: argparse.Namespace) -> dict:
         if plot_token_probs(results, png):
             print(f"histogram plot: {png}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.metric == "responses":
+        payload["responses"] = [{"prompt": p, **{name: texts[i] for name, texts in answers.items()}}
+                                for i, p in enumerate(prompts)]
+        markdown = out.with_suffix(".md")
+        markdown.write_text(responses_markdown(prompts, answers, args) + "\n")
+        print(f"responses side by side: {markdown}")
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results: {out}")
     if all_records:

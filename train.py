@@ -2,6 +2,7 @@
 
     python train.py --loss dft --model Qwen/Qwen2.5-0.5B --data HuggingFaceTB/smoltalk --out runs/dft
     python train.py --loss minor_sft --model runs/sft/final --data train.jsonl --beta 0.04 --out runs/minor
+    python train.py --loss dpo --model runs/sft/final --data trl-lib/ultrafeedback_binarized --data-split train_prefs
 
 One visible loop for every objective. Each optimizer step:
   1. takes batch_size x grad_accum examples, split into grad_accum micro-batches;
@@ -34,8 +35,9 @@ from tqdm import tqdm
 from data.collate import BatchSampler, collate, pack_rows
 from data.datasets import load_rows, split_holdout, tokenize_rows
 from data.lab import LAB_BASE_DIR, is_lab_spec
+from data.preference import SPANS, collate_pairs, flatten, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
-from losses import LOSSES, NEEDS_REFERENCE, SFT_NORMS, hparams_for
+from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
 from model import UserError, default_device, load_model, save_model
 
@@ -46,14 +48,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("objective")
     g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
-    g.add_argument("--beta", type=float, default=None, help="beta of minor_sft / sft_dpo (default: the loss's own)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="beta of minor_sft / sft_dpo / dpo / minor_dpo, > 0 (default: the loss's own: 0.04 for "
+                   "minor_sft and sft_dpo, 0.1 for dpo and minor_dpo)")
     g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
                    help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
     g.add_argument("--length-normalized-ratio", action="store_true",
                    help="minor_sft: per-token mean log-ratio instead of the sequence sum")
-    g.add_argument("--ref-model", default=None, help="reference model for minor_sft / sft_dpo (default: --model)")
+    g.add_argument("--ref-model", default=None,
+                   help="reference model for minor_sft / sft_dpo / dpo / minor_dpo (default: --model, the starting "
+                   "checkpoint)")
     g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
                    help="precompute reference log-probs once (cached on disk) or keep a live reference model")
+    g.add_argument("--dpo-variant", choices=sorted(DPO_VARIANTS), default="sigmoid",
+                   help="dpo: the function of the log-ratio margin h (losses/dpo.py): sigmoid (DPO, default), hinge "
+                   "(SLiC), ipo (IPO, per-token mean log-probs), cdpo (label smoothing), robust (Chowdhury et al.)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="dpo --dpo-variant cdpo/robust: assumed probability that a pair's label is flipped, in "
+                   "[0, 0.5) (default 0)")
+    g.add_argument("--dpo-span", choices=SPANS, default="response",
+                   help="dpo/minor_dpo: sum log-probs over the responses (default) or over the whole sequence, "
+                   "prompt included (paper 000's Eq. 3; the prompt terms cancel, see losses/dpo.py)")
+    g.add_argument("--keep-ties", action="store_true",
+                   help="dpo/minor_dpo: keep pairs whose score_chosen == score_rejected (default: drop and count)")
 
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
@@ -114,7 +131,11 @@ LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size":
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
+    if args.loss in PREFERENCE_LOSSES and args.data == "lab":
+        args.data = "lab:train:preference"  # the lab's pairs: a correct and a corrupted solution
     lab = is_lab_spec(args.data)
+    if args.loss in PREFERENCE_LOSSES and lab and args.eval_data is None:
+        args.eval_data = "lab:test:preference"
     for key, value in (LAB_DEFAULTS if lab else DEFAULTS).items():
         if key == "max_steps" and args.epochs is not None:
             continue  # an explicit --epochs sets the budget
@@ -199,7 +220,8 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: str
 
 def loss_hparams(args: argparse.Namespace) -> dict:
     """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
-    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio}
+    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
+             "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
 
 
@@ -227,6 +249,7 @@ def reference_cache_path(ref_dir: Path, examples: list, chunk_size: int) -> Path
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     for ex in examples:
+        h.update(f"{ex.index}:".encode())  # the table is keyed by index: same tokens under other indices differ
         h.update(np.asarray(ex.input_ids, dtype=np.int64).tobytes())
         h.update(np.asarray(ex.loss_mask, dtype=np.int8).tobytes())
     cache_root = Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
@@ -268,6 +291,68 @@ def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: 
         os.replace(tmp, path)
     del ref_model
     return None, table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preference batches (dpo, minor_dpo): an "example" is a PreferencePair (data/preference.py); a micro-batch of
+# --batch-size pairs puts its 2 x batch-size sequences through one forward (2P rows, or with --pack the 2P sequences
+# packed into rows of --max-len tokens); the loss's unit is the pair.
+
+def check_preference_flags(args) -> None:
+    """The preference flags' ranges, before any work (issue 11 will check every flag the same way)."""
+    if args.beta is not None and not args.beta > 0:
+        raise UserError(f"--beta {args.beta} must be > 0 (e.g. 0.1).")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5) (e.g. 0.1).")
+    if args.label_smoothing and (args.loss != "dpo" or args.dpo_variant not in ("cdpo", "robust")):
+        raise UserError("--label-smoothing applies only to --loss dpo --dpo-variant cdpo or robust.")
+
+
+def load_examples(args, tok, spec: str, split: str, report: bool = False) -> list:
+    """Tokenized examples of a dataset spec: Examples, or PreferencePairs for the preference objectives."""
+    rows = load_rows(spec, split)
+    if args.loss not in PREFERENCE_LOSSES:
+        examples, stats = tokenize_rows(rows, tok, args.max_len, source=spec)
+        if report:
+            print(f"data: {stats['rows']} rows from {spec}, {stats['truncated']} truncated to {args.max_len} tokens, "
+                  f"{stats['dropped_empty']} dropped with no trainable token")
+        return examples
+    pairs, stats = tokenize_preference_rows(rows, tok, args.max_len, source=spec, keep_ties=args.keep_ties,
+                                            span=args.dpo_span)
+    print(f"{'data' if report else 'eval data'}: {stats['rows']} preference rows from {spec}: "
+          f"{stats['ties']} ties dropped, {stats['truncated']} pairs truncated to {args.max_len} tokens, "
+          f"{stats['dropped_empty']} dropped with no trainable token left, {stats['pairs']} pairs")
+    return pairs
+
+
+def collate_step(micro: list, args, pad_id: int, ref_table) -> dict:
+    """One micro-batch -> one batch: collate for examples, collate_pairs for preference pairs."""
+    pack_len = args.max_len if args.pack else None
+    if args.loss in PREFERENCE_LOSSES:
+        return collate_pairs(micro, pad_id, pack_len=pack_len, ref_logps=ref_table)
+    return collate(micro, pad_id, pack_len=pack_len, ref_logps=ref_table)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list, pad_id: int, batch_size: int, device: str, precision: Precision,
+                   chunk_size: int) -> dict:
+    """Held-out pairs: paper 000's preference accuracy (Eq. 4: log pi(y_w|x) > log pi(y_l|x), needs no reference),
+    and the per-token NLL of the chosen responses as eval_nll."""
+    model.eval()
+    correct, nll, tokens = 0.0, 0.0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        batch = to_device(collate_pairs(pairs[s:s + batch_size], pad_id), device)
+        with precision.autocast():
+            logps = sequence_logprobs(model, batch, chunk_size).float()  # (2P, T)
+        seq = logps.sum(1)  # (2P,) one sequence per row: no packing here
+        chosen, rejected = seq[batch["chosen_seq"]], seq[batch["rejected_seq"]]  # (P,), (P,)
+        correct += float((chosen > rejected).sum())
+        nll -= float(chosen.sum())
+        tokens += float(batch["loss_mask"][batch["chosen_seq"]].sum())
+    model.train()
+    mean = nll / max(tokens, 1.0)
+    return {"eval_nll": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens,
+            "eval_preference_accuracy": correct / max(len(pairs), 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,6 +435,8 @@ def train(args: argparse.Namespace) -> dict:
     device = args.device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; drop --device to use the CPU.")
+    if args.loss in PREFERENCE_LOSSES:
+        check_preference_flags(args)
     precision = Precision(device, args.dtype)
     out = Path(args.out)
     resume_dir = find_resume_dir(args) if args.resume else None
@@ -361,12 +448,9 @@ def train(args: argparse.Namespace) -> dict:
     model_source = str(resume_dir) if resume_dir else args.model
     model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
     tok = load_tokenizer(model_dir)
-    rows = load_rows(args.data, args.data_split)
-    examples, stats = tokenize_rows(rows, tok, args.max_len, source=args.data)
-    print(f"data: {stats['rows']} rows from {args.data}, {stats['truncated']} truncated to {args.max_len} tokens, "
-          f"{stats['dropped_empty']} dropped with no trainable token")
+    examples = load_examples(args, tok, args.data, args.data_split, report=True)
     if args.eval_data:
-        eval_examples, _ = tokenize_rows(load_rows(args.eval_data, args.eval_split), tok, args.max_len, source=args.eval_data)
+        eval_examples = load_examples(args, tok, args.eval_data, args.eval_split)
     elif args.eval_fraction > 0:
         examples, eval_examples = split_holdout(examples, args.eval_fraction, args.seed)
     else:
@@ -377,7 +461,9 @@ def train(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
 
     step_examples = args.batch_size * args.grad_accum
-    sampler = BatchSampler(examples, step_examples, seed=args.seed, pack_len=args.max_len if args.pack else None)
+    preference = args.loss in PREFERENCE_LOSSES  # pairs are packed inside each micro-batch, never across (collate_step)
+    sampler = BatchSampler(examples, step_examples, seed=args.seed,
+                           pack_len=args.max_len if args.pack and not preference else None)
     steps_per_epoch = len(sampler.epoch_batches(0))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
@@ -388,7 +474,8 @@ def train(args: argparse.Namespace) -> dict:
     ref_model, ref_table = None, None
     if args.loss in NEEDS_REFERENCE:
         ref_spec = args.ref_model or args.model
-        ref_model, ref_table = load_or_compute_reference(args, ref_spec, examples, tok, device, precision)
+        ref_examples = flatten(examples) if preference else examples
+        ref_model, ref_table = load_or_compute_reference(args, ref_spec, ref_examples, tok, device, precision)
 
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
@@ -440,9 +527,9 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
-        pack_len = args.max_len if args.pack else None
-        batches_mb = [collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table)
-                      for micro in micro_batches(step_batch, examples, args.batch_size, pack_len)]
+        sampler_pack_len = args.max_len if args.pack and not preference else None
+        batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
+                      for micro in micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)]
         # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step), so gradient
         # magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients in range.
         step_tokens = max(1.0, float(sum(b["loss_mask"].sum() for b in batches_mb)))
@@ -513,11 +600,13 @@ def train(args: argparse.Namespace) -> dict:
             break
 
         if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision,
-                          args.chunk_size)
+            ev = (evaluate_pairs if preference else evaluate)(model, eval_examples, tok.pad_token_id,
+                                                               args.batch_size, device, precision, args.chunk_size)
             log({"step": step, "eval": True, **ev})
-            if ev["eval_nll"] < best_eval:
-                best_eval, evals_since_best = ev["eval_nll"], 0
+            # Early stopping watches the held-out NLL, or for preference runs the held-out preference error.
+            score = 1.0 - ev["eval_preference_accuracy"] if preference else ev["eval_nll"]
+            if score < best_eval:
+                best_eval, evals_since_best = score, 0
             else:
                 evals_since_best += 1
             if args.patience and evals_since_best >= args.patience:
@@ -529,7 +618,8 @@ def train(args: argparse.Namespace) -> dict:
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
     if eval_examples:
-        ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+        ev = (evaluate_pairs if preference else evaluate)(model, eval_examples, tok.pad_token_id, args.batch_size,
+                                                           device, precision, args.chunk_size)
         log({"step": step, "eval": True, **ev})
         summary.update(ev)
     save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final

@@ -187,7 +187,7 @@ class BatchSampler:
     ):
         if batch_size < 1 or bucket_window < 1:
             raise UserError(f"batch size {batch_size} and bucket window {bucket_window} must be at least 1.")
-        self.lengths = np.array([len(example.input_ids) for example in examples], dtype=np.int64)
+        self.lengths = np.array([len(example) for example in examples], dtype=np.int64)  # tokens (both of a pair)
         if pack_len is not None:
             _check_fits(self.lengths.tolist(), pack_len)
         self.batch_size = batch_size

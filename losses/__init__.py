@@ -4,9 +4,10 @@ A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of p
 float32 is log pi_theta of each target token (with grad, computed by `losses/logprobs.py`), `mask` (B, T) is 1 on
 trained tokens, and `batch` carries `sequence_ids` (B, T) (which sequence each position belongs to, -1 on padding;
 several sequences may share a packed row), `num_sequences`, and for the objectives in `NEEDS_REFERENCE` the reference
-model's `ref_logps` (B, T). Hparams are keyword-only and each function takes only its own (see its signature;
-`hparams_for` picks them out of a larger dict). It returns `LossOutput(loss_sum, count, metrics)`: `loss_sum` is a SUM
-over `count` units (tokens or sequences), never a mean, and the training loop divides the sum of `loss_sum` over all
+model's `ref_logps` (B, T); for `PREFERENCE_LOSSES` also `chosen_seq` and `rejected_seq` (P,). Hparams are
+keyword-only and each function takes only its own (see its signature; `hparams_for` picks them out of a larger dict).
+It returns `LossOutput(loss_sum, count, metrics)`: `loss_sum` is a SUM over `count` units (tokens, sequences, or
+preference pairs), never a mean, and the training loop divides the sum of `loss_sum` over all
 micro-batches of an optimizer step by the sum of `count` once, so accumulation is exact; `metrics` maps a name to a
 (sum, count) pair of floats that the loop aggregates the same way. A loss never sees logits or the model.
 """
@@ -18,6 +19,8 @@ from typing import Any, Callable
 
 from losses.common import SFT_NORMS, LossOutput
 from losses.dft import dft_loss
+from losses.dpo import DPO_VARIANTS, dpo_loss
+from losses.minor_dpo import minor_dpo_loss
 from losses.minor_sft import minor_sft_loss
 from losses.sft import sft_loss
 from losses.sft_dpo import sft_dpo_loss
@@ -27,10 +30,16 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "dft": dft_loss,
     "minor_sft": minor_sft_loss,
     "sft_dpo": sft_dpo_loss,
+    "dpo": dpo_loss,
+    "minor_dpo": minor_dpo_loss,
 }
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model.
-NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo"}
+NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
+
+# Objectives trained on preference pairs: each batch holds the chosen and rejected sequences of its pairs, and
+# `batch["chosen_seq"]`, `batch["rejected_seq"]` (P,) say which is which (losses/common.py, data/preference.py).
+PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
 
 
 def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -39,4 +48,4 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["LOSSES", "NEEDS_REFERENCE", "LossOutput", "SFT_NORMS", "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "PREFERENCE_LOSSES", "LossOutput", "SFT_NORMS", "hparams_for"]

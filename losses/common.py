@@ -89,3 +89,49 @@ def make_output(loss_sum: Tensor, count: Tensor | float, metrics: dict[str, tupl
     flat = [next(host) if isinstance(x, Tensor) else float(x) for x in flat]
     pairs = {name: (flat[1 + 2 * i], flat[2 + 2 * i]) for i, name in enumerate(metrics)}
     return LossOutput(loss_sum=loss_sum, count=flat[0], metrics=pairs)
+
+
+# ---- preference pairs (dpo, minor_dpo) ----------------------------------------------------------------------------
+# A preference batch holds P pairs as N = 2P sequences (chosen and rejected of every pair, in one forward); the
+# collator says which is which: batch["chosen_seq"] (P,) and batch["rejected_seq"] (P,) are sequence numbers (the
+# values of sequence_ids), pair k being (chosen_seq[k], rejected_seq[k]). The unit of `count` is the pair.
+
+@dataclass
+class PairLogps:
+    """Per-pair sequence log-probs: sums over each response's trained tokens (mask 1), all (P,)."""
+
+    chosen: Tensor  # log pi_theta(y_w|x), with grad
+    rejected: Tensor  # log pi_theta(y_l|x), with grad
+    ref_chosen: Tensor  # log pi_ref(y_w|x), no grad
+    ref_rejected: Tensor  # log pi_ref(y_l|x), no grad
+    len_chosen: Tensor  # trained tokens of y_w, float, >= 1
+    len_rejected: Tensor  # trained tokens of y_l, float, >= 1
+
+
+def pair_logps(logps: Tensor, mask: Tensor, batch: dict) -> PairLogps:
+    """Sum the kernel's per-token log-probs (B, T) and the reference's (batch["ref_logps"]) per sequence, and split
+    the sums into chosen and rejected: the one code path from token log-probs to DPO's log pi(y|x)."""
+    logps = masked(logps, mask)  # (B, T)
+    ref_logps = masked(batch["ref_logps"], mask).detach()  # (B, T)
+    seq_logp = per_sequence_sum(logps * mask, batch)  # (N,)
+    seq_ref = per_sequence_sum(ref_logps * mask, batch)  # (N,)
+    seq_len = per_sequence_count(mask, batch).clamp(min=1.0)  # (N,)
+    c, r = batch["chosen_seq"], batch["rejected_seq"]  # (P,), (P,)
+    return PairLogps(seq_logp[c], seq_logp[r], seq_ref[c], seq_ref[r], seq_len[c], seq_len[r])
+
+
+def preference_metrics(p: PairLogps, beta: float) -> dict[str, tuple[Tensor, float]]:
+    """What a DPO run logs per step, each a mean over the step's pairs:
+    reward_chosen / reward_rejected  the implicit rewards beta * log(pi_theta(y|x) / pi_ref(y|x))
+    margin                           reward_chosen - reward_rejected
+    reward_accuracy                  share of pairs with margin > 0
+    logp_chosen / logp_rejected      log pi_theta(y|x), summed over the response's tokens
+    nll                              per-token NLL of the chosen responses (comparable with SFT's nll)"""
+    n = float(p.chosen.numel())
+    reward_chosen = beta * (p.chosen - p.ref_chosen).detach()  # (P,)
+    reward_rejected = beta * (p.rejected - p.ref_rejected).detach()  # (P,)
+    margin = reward_chosen - reward_rejected  # (P,)
+    return {"reward_chosen": (reward_chosen.sum(), n), "reward_rejected": (reward_rejected.sum(), n),
+            "margin": (margin.sum(), n), "reward_accuracy": ((margin > 0).float().sum(), n),
+            "logp_chosen": (p.chosen.detach().sum(), n), "logp_rejected": (p.rejected.detach().sum(), n),
+            "nll": (-p.chosen.detach().sum(), p.len_chosen.sum())}
