@@ -215,7 +215,7 @@ def build_parser() -> Parser:
     ap.add_argument("--data", default="lab:test", help="dataset spec (file, directory, hub id, lab[:split][:layout])")
     ap.add_argument("--split", default="test", help="split of a directory or hub --data")
     ap.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N rows (default: all)")
-    ap.add_argument("--ref-model", default=None, help="reference model for --metric deviation (required there)")
+    ap.add_argument("--ref-model", default=None, help="reference model for --metric deviation (default: none; that metric requires one)")
     g = ap.add_argument_group("generation (accuracy)")
     g.add_argument("--k", type=POSITIVE_INT, default=4, help="samples per problem (avg@k, pass@k)")
     g.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="0 = greedy")

@@ -153,8 +153,9 @@ def build_parser() -> Parser:
     ap = Parser(description=__doc__)
     ap.add_argument("--model", required=True,
                     help="checkpoint directory, hub id (e.g. Qwen/Qwen2.5-0.5B) or 'lab' (the lab's base model)")
-    ap.add_argument("--prompt", type=prompt_text, action="append", default=[], help="a prompt; repeat for a batch")
-    ap.add_argument("--prompts-file", help="JSONL with a 'prompt' string or 'messages' list per line")
+    ap.add_argument("--prompt", type=prompt_text, action="append", default=[], help="a prompt; repeat for a batch (default: none; this "
+                    "or --prompts-file is required)")
+    ap.add_argument("--prompts-file", help="JSONL with a 'prompt' string or 'messages' list per line (default: none)")
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     ap.add_argument("--system", help="system prompt for --chat (default: the template's own)")
     ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest completion")
