@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TOP_P, Parser, Range, device_name, model_spec,
+                 output_file, output_problem, refuse)
 from data.collate import collate
 from data.datasets import LAYOUT_FIELDS, detect_layout, load_rows, row_to_messages, tokenize_rows
-from data.lab import LAB_BASE_DIR, answers_match, extract_boxed
+from data.lab import answers_match, extract_boxed, is_lab_spec
 from data.preference import collate_pairs, pair_messages, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
 from losses.logprobs import sequence_logprobs
@@ -51,15 +54,18 @@ LAB_LAYOUT_OF_METRIC = {"preference": "preference", "responses": "prompt"}
 PROB_BINS = np.array([0.0, 1e-3, 1e-2, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0 + 1e-9])
 
 
-def model_spec(name: str) -> str:
-    """`lab` names the lab's base checkpoint; anything else is a directory or hub id."""
-    return str(LAB_BASE_DIR) if name == "lab" else name
-
-
 # ---- accuracy -----------------------------------------------------------------------------------------------------
 
 def prompt_and_answer(row: dict, where: str) -> tuple[list[dict], str]:
-    """The prompt turns of a row and its reference answer, for any layout that carries one."""
+    """The prompt turns of a row and its reference answer, for any layout that carries one; an empty prompt is
+    refused with the row's name."""
+    messages, answer = _prompt_and_answer(row, where)
+    if not any(str(m.get("content", "")).strip() for m in messages if m.get("role") != "system"):
+        raise UserError(f"{where}: the prompt is empty; give the problem text or drop the row.")
+    return messages, answer
+
+
+def _prompt_and_answer(row: dict, where: str) -> tuple[list[dict], str]:
     if "prompt" in row and "answer" in row and "completion" not in row:  # lab:...:prompt, GRPO-style rows
         prompt = row["prompt"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -125,6 +131,8 @@ def summarize(correct: np.ndarray, predictions: list[str | None]) -> dict:
 
 def response_examples(tok, rows, args):
     examples, stats = tokenize_rows(rows, tok, args.max_len, source=args.data)
+    if stats["empty_replies"]:
+        print(f"note: {stats['empty_replies']} rows of {args.data} not scored: every assistant reply is empty")
     if not examples:
         raise UserError(f"{args.data} yields no response token to score; check its layout and --max-len.")
     return examples
@@ -298,46 +306,94 @@ def plot_token_probs(results: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--metric", choices=METRICS, default="accuracy")
-    ap.add_argument("--model", action="append", required=True, help="checkpoint dir, hub id or 'lab'; repeat to compare")
-    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset spec (file, directory, hub id, lab[:split]); "
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__)
+    ap.add_argument("--metric", choices=METRICS, default="accuracy", help="what to measure, see above")
+    ap.add_argument("--model", action="append", required=True,
+                    help="checkpoint dir, hub id or 'lab' (the lab's base model); repeat to compare")
+    ap.add_argument("--data", default=DEFAULT_DATA, help="dataset spec (file, directory, hub id, lab[:split][:layout]); "
                     "the default lab:test is read as lab:test:preference / lab:test:prompt by those metrics")
-    ap.add_argument("--split", default="test", help="split of a hub or directory dataset")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    ap.add_argument("--split", default="test", help="split of a directory or hub --data")
+    ap.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N rows (default: all)")
     ap.add_argument("--ref-model", default=None,
                     help="reference model for --metric deviation (required) and preference (optional: adds the "
-                    "implicit-reward accuracy)")
+                    "implicit-reward accuracy) (default: none)")
     ap.add_argument("--keep-ties", action="store_true",
                     help="preference: keep pairs whose score_chosen == score_rejected (default: drop them)")
     g = ap.add_argument_group("generation (accuracy)")
-    g.add_argument("--k", type=int, default=4, help="samples per problem (avg@k, pass@k)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64, help="sequences per forward / generation batch")
-    ap.add_argument("--max-len", type=int, default=1024, help="truncate scored examples to this many tokens")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="JSON results file (default: eval_<metric>.json)")
-    ap.add_argument("--samples-out", default=None, help="accuracy: JSONL of every generation "
-                    "(default: next to --out)")
-    return ap.parse_args(argv)
+    g.add_argument("--k", type=POSITIVE_INT, default=4, help="samples per problem (avg@k, pass@k)")
+    g.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling: keep the top tokens holding this mass")
+    g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="keep the k most likely tokens (0: all)")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest completion")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the sampling")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="sequences per forward / generation batch")
+    ap.add_argument("--max-len", type=Range(int, low=2), default=1024, help="truncate scored examples to this many tokens")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--out", type=output_file, default=None,
+                    help="JSON results file (default: RUN/eval/CHECKPOINT_METRIC_DATA.json when the one --model is a "
+                    "checkpoint of a train.py run RUN, else runs/eval/MODEL_METRIC_DATA.json)")
+    ap.add_argument("--samples-out", type=output_file, default=None, help="accuracy: JSONL of every generation "
+                    "(default: next to --out, *_samples.jsonl)")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every flag and where the results go; refuses bad values before any model or data loads."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.metric == "deviation" and not args.ref_model:
+        refuse(ap, "--ref-model", "--metric deviation needs it (the model to measure the deviation from).")
+    if args.out is None:
+        args.out = str(default_out(args.model, args.metric, args.data))
+        problem = output_problem(args.out, want_dir=False)
+        if problem:
+            refuse(ap, "--out", f"the default results file cannot be written ({problem}); pass --out.")
+    if args.metric == "accuracy" and args.samples_out is None:
+        out = Path(args.out)
+        args.samples_out = str(out.with_name(out.stem + "_samples.jsonl"))
+        problem = output_problem(args.samples_out, want_dir=False)
+        if problem:
+            refuse(ap, "--samples-out", f"the default generations file cannot be written ({problem}); pass it.")
+    return args
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def default_out(models: list[str], metric: str, data: str) -> Path:
+    """Under the run folder of the model evaluated (the directory train.py wrote, holding args.json next to the
+    checkpoint), else under runs/eval/; the name says what was measured on which data."""
+    data_name = Path(data).stem if Path(data).is_file() else data
+    what = f"{slug(metric)}_{slug(data_name)}.json"
+    if len(models) == 1:
+        checkpoint = Path(models[0])
+        if models[0] != "lab" and checkpoint.is_dir() and (checkpoint.parent / "args.json").is_file():
+            return checkpoint.parent / "eval" / f"{slug(checkpoint.name)}_{what}"
+        name = checkpoint.resolve().name if models[0] != "lab" and checkpoint.is_dir() else models[0]
+        return Path("runs") / "eval" / f"{slug(name)}_{what}"
+    return Path("runs") / "eval" / f"{len(models)}models_{what}"
+
+
+def data_record(args: argparse.Namespace) -> dict:
+    """The data spec exactly as given; --split only where it applies (a directory or hub dataset)."""
+    record = {"data": args.data}
+    if not (is_lab_spec(args.data) or Path(args.data).is_file()):
+        record["split"] = args.split
+    return record
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.metric == "deviation" and not args.ref_model:
-        raise UserError("--metric deviation needs --ref-model (the model to measure the deviation from).")
     if args.data == DEFAULT_DATA and args.metric in LAB_LAYOUT_OF_METRIC:  # the lab split in this metric's layout
         args.data = f"{DEFAULT_DATA}:{LAB_LAYOUT_OF_METRIC[args.metric]}"
     device = args.device or default_device()
     rows = load_rows(args.data, args.split)
     if args.limit:
         rows = rows[:args.limit]  # a plain list: rows are then named by position in errors
-    out = Path(args.out or f"eval_{args.metric.replace('-', '_')}.json")
+    out = Path(args.out)
     results: dict[str, dict] = {}
     ref_logps = None
     ref_sums = None
@@ -377,8 +433,9 @@ def run(args: argparse.Namespace) -> dict:
                 results[name] = deviation(logps, ref_logps)
         del model
     print_table(args.metric, results)
-    payload = {"metric": args.metric, "data": args.data, "rows": len(rows), "results": results,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("model",)}}
+    payload = {"metric": args.metric, **data_record(args), "rows": len(rows), "results": results,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("model", "data", "split")}}
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.metric == "token-probs":
         payload["bins"] = [bin_label(i) for i in range(len(PROB_BINS) - 1)]
         png = out.with_suffix(".png")
@@ -394,7 +451,8 @@ def run(args: argparse.Namespace) -> dict:
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results: {out}")
     if all_records:
-        samples = Path(args.samples_out or out.with_name(out.stem + "_samples.jsonl"))
+        samples = Path(args.samples_out)
+        samples.parent.mkdir(parents=True, exist_ok=True)
         with open(samples, "w") as f:
             for name, records in all_records.items():
                 for r in records:

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TOP_P, Parser, device_name, model_spec,
+                 prompt_text, refuse)
 from model import KVCache, Qwen2ForCausalLM, UserError, default_device, load_model
 
 
@@ -128,28 +130,53 @@ def read_prompts_file(path: str) -> list[dict]:
             raise UserError(f"{p} line {n} is not valid JSON ({e}).")
         if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
             raise UserError(f"{p} line {n} needs a 'prompt' string or a 'messages' list.")
+        if "messages" in row:
+            messages = row["messages"]
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise UserError(f"{p} line {n}: 'messages' must be a non-empty list of {{role, content}} objects.")
+            texts = [m["content"] for m in messages if m["role"] != "system"]
+        elif isinstance(row["prompt"], str):
+            texts = [row["prompt"]]
+        else:
+            raise UserError(f"{p} line {n}: 'prompt' must be a string.")
+        if not any(t.strip() for t in texts):
+            raise UserError(f"{p} line {n}: the prompt is empty; give some text to continue.")
         rows.append(row)
     if not rows:
         raise UserError(f"{p} holds no prompts.")
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Qwen/Qwen2.5-0.5B)")
-    ap.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    ap.add_argument("--prompts-file", help="JSONL with a 'prompt' string or 'messages' list per line")
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__)
+    ap.add_argument("--model", required=True,
+                    help="checkpoint directory, hub id (e.g. Qwen/Qwen2.5-0.5B) or 'lab' (the lab's base model)")
+    ap.add_argument("--prompt", type=prompt_text, action="append", default=[], help="a prompt; repeat for a batch (default: none; this "
+                    "or --prompts-file is required)")
+    ap.add_argument("--prompts-file", help="JSONL with a 'prompt' string or 'messages' list per line (default: none)")
     ap.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     ap.add_argument("--system", help="system prompt for --chat (default: the template's own)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    ap.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bf16 on CUDA")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest completion")
+    ap.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling: keep the top tokens holding this mass")
+    ap.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="keep the k most likely tokens (0: all)")
+    ap.add_argument("--num-samples", type=POSITIVE_INT, default=1, help="completions per prompt")
+    ap.add_argument("--seed", type=SEED, default=0, help="seed of the sampling")
+    ap.add_argument("--show-special-tokens", action="store_true",
+                    help="print special tokens such as <|im_end|> (hidden by default)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 on CPU, bf16 on CUDA")
+    ap.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda when present)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.prompt and not args.prompts_file:
+        refuse(ap, "--prompt", "give at least one --prompt or a --prompts-file.")
     try:
         run(args)
     except UserError as e:
@@ -160,10 +187,8 @@ def run(args: argparse.Namespace) -> None:
     from data.tokenizer import load_tokenizer
 
     rows = [{"prompt": p} for p in args.prompt] + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    if not rows:
-        raise UserError("give at least one --prompt or a --prompts-file.")
     device = args.device or default_device()
-    model, model_dir = load_model(args.model, args.dtype, device)
+    model, model_dir = load_model(model_spec(args.model), args.dtype, device)
     tok = load_tokenizer(model_dir)
     prompts, eos = [], generation_eos_ids(model_dir, model)
     for row in rows:
@@ -186,7 +211,7 @@ def run(args: argparse.Namespace) -> None:
     def on_token(token: torch.Tensor) -> None:
         nonlocal printed
         streamed.append(int(token[0]))
-        text = tok.decode(streamed)
+        text = tok.decode(streamed, skip_special_tokens=not args.show_special_tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             print(text[printed:], end="", flush=True)
             printed = len(text)
@@ -200,7 +225,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         for i, out in enumerate(outputs):
             print(f"=== prompt {i // args.num_samples} sample {i % args.num_samples} ===")
-            print(tok.decode(out, skip_special_tokens=True))
+            print(tok.decode(out, skip_special_tokens=not args.show_special_tokens))
     n_new = sum(len(o) for o in outputs)
     print(f"[{n_new} tokens in {seconds:.2f}s: {n_new / seconds:.1f} tokens/s]", file=sys.stderr)
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -32,38 +34,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range,
+                 device_name, model_spec, output_dir, output_problem, refuse)
 from data.collate import BatchSampler, collate, pack_rows
 from data.datasets import load_rows, split_holdout, tokenize_rows
-from data.lab import LAB_BASE_DIR, is_lab_spec
+from data.lab import is_lab_spec
 from data.preference import SPANS, collate_pairs, flatten, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
 from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
-from model import UserError, default_device, load_model, save_model
+from model import UserError, default_device, load_model, recover_interrupted_saves, save_model
 
 STATE_FILE = "training_state.pt"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__)
     g = ap.add_argument_group("objective")
     g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
-    g.add_argument("--beta", type=float, default=None,
-                   help="beta of minor_sft / sft_dpo / dpo / minor_dpo, > 0 (default: the loss's own: 0.04 for "
-                   "minor_sft and sft_dpo, 0.1 for dpo and minor_dpo)")
+    g.add_argument("--beta", type=POSITIVE_FLOAT, default=None, help="beta of " + loss_defaults("beta"))
     g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
                    help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
     g.add_argument("--length-normalized-ratio", action="store_true",
                    help="minor_sft: per-token mean log-ratio instead of the sequence sum")
     g.add_argument("--ref-model", default=None,
-                   help="reference model for minor_sft / sft_dpo / dpo / minor_dpo (default: --model, the starting "
-                   "checkpoint)")
+                   help="reference model for " + ", ".join(sorted(NEEDS_REFERENCE)) + " (default: --model)")
     g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
                    help="precompute reference log-probs once (cached on disk) or keep a live reference model")
     g.add_argument("--dpo-variant", choices=sorted(DPO_VARIANTS), default="sigmoid",
                    help="dpo: the function of the log-ratio margin h (losses/dpo.py): sigmoid (DPO, default), hinge "
                    "(SLiC), ipo (IPO, per-token mean log-probs), cdpo (label smoothing), robust (Chowdhury et al.)")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
+    g.add_argument("--label-smoothing", type=Range(float, low=0, high=0.5, high_open=True), default=0.0,
                    help="dpo --dpo-variant cdpo/robust: assumed probability that a pair's label is flipped, in "
                    "[0, 0.5) (default 0)")
     g.add_argument("--dpo-span", choices=SPANS, default="response",
@@ -76,49 +77,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
     g.add_argument("--data", default="lab", help="a .jsonl/.json/.parquet file, a directory, a hub dataset id, or "
                    "lab[:split][:layout] (the built-in task, see data/lab.py)")
-    g.add_argument("--data-split", default="train")
-    g.add_argument("--eval-data", default=None, help="held-out data (default: --eval-fraction of --data)")
-    g.add_argument("--eval-split", default="test", help="split of --eval-data")
-    g.add_argument("--eval-fraction", type=float, default=None, help="fraction of --data held out for eval (default 0)")
-    g.add_argument("--max-len", type=int, default=None, help="truncate examples to this many tokens (default 1024)")
-    g.add_argument("--max-examples", type=int, default=None, help="use only the first N examples (and eval examples)")
+    g.add_argument("--data-split", default="train", help="split of a directory or hub --data")
+    g.add_argument("--eval-data", default=None, help="held-out data")
+    g.add_argument("--eval-split", default="test", help="split of a directory or hub --eval-data")
+    g.add_argument("--eval-fraction", type=Range(float, low=0, high=1, high_open=True), default=None,
+                   help="fraction of --data held out for eval when there is no --eval-data")
+    g.add_argument("--max-len", type=Range(int, low=2), default=None, help="truncate examples to this many tokens")
+    g.add_argument("--max-examples", type=POSITIVE_INT, default=None,
+                   help="use only the first N examples (and eval examples) (default: all)")
     g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len tokens")
 
     g = ap.add_argument_group("optimization")
-    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    g.add_argument("--batch-size", type=int, default=None, help="examples (or packed rows) per micro-batch (default 4)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5, the DFT paper's)")
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--warmup-ratio", type=float, default=None, help="warmup share of the steps (default 0.1)")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay (never on norms and biases)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="optimizer steps; wins over --epochs")
+    g.add_argument("--epochs", type=POSITIVE_FLOAT, default=None, help="passes over the data, when no --max-steps")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=0.0, help="learning rate at the end of the schedule")
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=None,
+                   help="linear warmup steps (default: --warmup-ratio of the steps)")
+    g.add_argument("--warmup-ratio", type=FRACTION, default=None, help="warmup share of the steps")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning rate after the warmup")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW decay (never on norms and biases)")
+    g.add_argument("--adam-betas", type=Range(float, low=0, high=1, high_open=True), nargs=2, default=(0.9, 0.999),
+                   metavar=("BETA1", "BETA2"), help="AdamW's moment decay rates")
+    g.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0, help="max grad norm (0: no clipping)")
 
     g = ap.add_argument_group("system")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype; master weights stay fp32 (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in backward")
-    g.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per chunk in the log-prob kernel")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chunk-size", type=POSITIVE_INT, default=DEFAULT_CHUNK,
+                   help="tokens per chunk in the log-prob kernel")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the data order, the holdout split and sampling")
 
     g = ap.add_argument_group("logging and checkpoints")
-    g.add_argument("--out", default=None, help="output directory (default: runs/LOSS)")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between evals (default 0: only at the end)")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only final)")
-    g.add_argument("--resume", default=None, help="a step_N directory to continue from, or 'latest' in --out")
-    g.add_argument("--patience", type=int, default=0, help="stop after this many evals without improvement")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    g.add_argument("--out", type=output_dir, default=None, help="output directory (default: runs/LOSS)")
+    g.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=None, help="steps between evals (0: only at the end)")
+    g.add_argument("--save-every", type=NON_NEGATIVE_INT, default=0, help="steps between checkpoints (0: only final)")
+    g.add_argument("--keep-last", type=NON_NEGATIVE_INT, default=0,
+                   help="keep only the newest N step_N checkpoints (0: keep every one)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
+                   help="continue a run: 'auto' (also plain --resume) from the newest complete step_N in --out, or a "
+                   "fresh start when there is none (so a job script can always pass it); 'latest' the same but "
+                   "there must be one; or a step_N directory. A run whose final/ exists is not trained again "
+                   "(default: off, a fresh run, refused when --out already holds checkpoints)")
+    g.add_argument("--patience", type=NON_NEGATIVE_INT, default=0,
+                   help="stop after this many evals without improvement (0: never)")
+    g.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5, help="stop after this many non-finite steps in a row")
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of saved weights (float32 keeps resume exact)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
+    document_job_defaults(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check every flag, fill in the job's defaults; refuses bad values before any model or data loads."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     apply_defaults(args)
+    if args.loss in PREFERENCE_LOSSES:
+        check_preference_flags(ap, args)
+    if args.min_lr > args.lr:
+        refuse(ap, "--min-lr", f"{args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from --lr down to it.")
+    problem = output_problem(args.out, want_dir=True)
+    if problem:
+        refuse(ap, "--out", problem + ".")
+    earlier = earlier_checkpoints(Path(args.out))
+    if args.resume is None and earlier:
+        refuse(ap, "--out", f"{args.out} already holds checkpoints of an earlier run ({', '.join(earlier)}); pass "
+               f"--resume to continue it, or another --out (or delete {args.out}) to start over.")
     return args
+
+
+def loss_defaults(hparam: str) -> str:
+    """'minor_sft / sft_dpo (default: the loss's own: minor_sft 0.04, sft_dpo 0.04)', from the loss signatures."""
+    owners = {name: inspect.signature(fn).parameters[hparam].default for name, fn in sorted(LOSSES.items())
+              if hparam in inspect.signature(fn).parameters}
+    return (" / ".join(owners) + " (default: the loss's own: "
+            + ", ".join(f"{name} {value}" for name, value in owners.items()) + ")")
 
 
 # Defaults that depend on the job. Real models follow the DFT paper's recipe (AdamW, lr 5e-5, cosine, 10% warmup).
@@ -128,6 +168,25 @@ DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "ma
             "eval_fraction": 0.0, "eval_every": 0}
 LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
                 "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50}
+
+
+def document_job_defaults(parser: argparse.ArgumentParser) -> None:
+    """-h shows both tables: 'default: 0.001 on the lab, 5e-05 otherwise'."""
+    for action in parser._actions:
+        lab, other = LAB_DEFAULTS.get(action.dest), DEFAULTS.get(action.dest)
+        if lab is None and other is None:
+            continue
+        if action.dest == "epochs":
+            text = f"{other}; on the lab --max-steps {LAB_DEFAULTS['max_steps']} instead"
+        elif action.dest == "max_steps":
+            text = f"{lab} on the lab unless --epochs is given, otherwise from --epochs"
+        elif action.dest == "eval_data":
+            text = f"{lab} on the lab, otherwise none: see --eval-fraction"
+        elif lab is None or lab == other:
+            text = f"{other}"
+        else:
+            text = f"{lab} on the lab, {other} otherwise"
+        action.help = f"{action.help} (default: {text})"
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
@@ -146,8 +205,9 @@ def apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     if args.out is None:
         args.out = f"runs/{args.loss}"
-    if args.model == "lab":
-        args.model = str(LAB_BASE_DIR)
+    args.model = model_spec(args.model)
+    if args.ref_model is not None:
+        args.ref_model = model_spec(args.ref_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,14 +358,11 @@ def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: 
 # --batch-size pairs puts its 2 x batch-size sequences through one forward (2P rows, or with --pack the 2P sequences
 # packed into rows of --max-len tokens); the loss's unit is the pair.
 
-def check_preference_flags(args) -> None:
-    """The preference flags' ranges, before any work (issue 11 will check every flag the same way)."""
-    if args.beta is not None and not args.beta > 0:
-        raise UserError(f"--beta {args.beta} must be > 0 (e.g. 0.1).")
-    if not 0.0 <= args.label_smoothing < 0.5:
-        raise UserError(f"--label-smoothing {args.label_smoothing} must be in [0, 0.5) (e.g. 0.1).")
+def check_preference_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
     if args.label_smoothing and (args.loss != "dpo" or args.dpo_variant not in ("cdpo", "robust")):
-        raise UserError("--label-smoothing applies only to --loss dpo --dpo-variant cdpo or robust.")
+        refuse(ap, "--label-smoothing", f"{args.label_smoothing:g} applies only to --loss dpo --dpo-variant cdpo or "
+               "robust; drop it or pick one of those.")
 
 
 def load_examples(args, tok, spec: str, split: str, report: bool = False) -> list:
@@ -313,9 +370,7 @@ def load_examples(args, tok, spec: str, split: str, report: bool = False) -> lis
     rows = load_rows(spec, split)
     if args.loss not in PREFERENCE_LOSSES:
         examples, stats = tokenize_rows(rows, tok, args.max_len, source=spec)
-        if report:
-            print(f"data: {stats['rows']} rows from {spec}, {stats['truncated']} truncated to {args.max_len} tokens, "
-                  f"{stats['dropped_empty']} dropped with no trainable token")
+        print(f"{'data' if report else 'eval data'}: {data_report(stats, spec, args.max_len)}")
         return examples
     pairs, stats = tokenize_preference_rows(rows, tok, args.max_len, source=spec, keep_ties=args.keep_ties,
                                             span=args.dpo_span)
@@ -389,19 +444,79 @@ def _cast_copy(model, dtype):
     return copy.deepcopy(model).to(dtype)
 
 
-def find_resume_dir(args) -> Path:
-    if args.resume == "latest":
-        # Only whole step_N checkpoints: not a `step_N.old` that an interrupted replace left, nor anything else.
-        steps = sorted((p for p in Path(args.out).glob("step_*")
-                        if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()),
-                       key=lambda p: int(p.name.removeprefix("step_")))
-        if not steps:
-            raise UserError(f"--resume latest: {args.out} holds no step_N checkpoint to resume from.")
-        return steps[-1]
+def step_checkpoints(out: Path) -> list[Path]:
+    """The whole step_N checkpoints in `out`, oldest first: not a temp directory that an interrupted save left, nor a
+    `step_N.old`, nor a directory without training state."""
+    steps = [p for p in out.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(steps, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def earlier_checkpoints(out: Path) -> list[str]:
+    """Names of the checkpoints a run already wrote in `out` (final first, then the newest steps)."""
+    names = [p.name for p in reversed(step_checkpoints(out))]
+    if (out / "final" / "config.json").is_file():
+        names.insert(0, "final")
+    return names[:3] + ([f"{len(names) - 3} more"] if len(names) > 3 else [])
+
+
+def find_resume_dir(args) -> Path | None:
+    """The checkpoint --resume names: for auto and latest the newest step_N in --out (auto: None when there is none,
+    i.e. a fresh start), else the given directory."""
+    if args.resume in ("auto", "latest"):
+        steps = step_checkpoints(Path(args.out))
+        if not steps and args.resume == "latest":
+            raise UserError(f"--resume latest: {args.out} holds no step_N checkpoint to resume from; pass --resume "
+                            f"(auto) to start fresh when there is none.")
+        return steps[-1] if steps else None
     path = Path(args.resume)
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"--resume {path} has no {STATE_FILE}; pass a step_N directory written by train.py.")
+        raise UserError(f"--resume {path} has no {STATE_FILE}; pass a step_N directory written by train.py, "
+                        f"'latest' or 'auto'.")
     return path
+
+
+def finished_run(out: Path) -> str | None:
+    """When `out` holds a finished run (its final/ exists): a sentence saying so, for --resume auto/latest."""
+    if not (out / "final" / "config.json").is_file():
+        return None
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if not r.get("eval")]
+    at = f" after {steps[-1]} steps" if steps else ""
+    return (f"{out} already finished{at} (its final/ checkpoint exists); nothing to resume. Pass another --out to "
+            f"train again, or --resume {out}/step_N to continue from a given step.")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut off by a kill is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of the steps up to `step` (the checkpoint resumed from): the steps a killed run logged after its
+    checkpoint are trained again and logged again, so each step appears once."""
+    if not path.is_file():
+        return
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def prune_checkpoints(out: Path, keep: int, current: int) -> None:
+    """--keep-last: delete all but the newest `keep` step_N checkpoints up to step `current` (a later one, left by
+    an earlier run resumed from an older step, is not touched). Renamed to a temp name first, so a kill during the
+    deletion leaves something the next start removes, never a half-deleted step_N."""
+    older = [p for p in step_checkpoints(out) if int(p.name.removeprefix("step_")) <= current]
+    for path in older[:-keep] if keep else []:
+        doomed = path.with_name(f".{path.name}.tmp-pruned")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,6 +538,12 @@ def evaluate(model, examples: list, pad_id: int, batch_size: int, device: str, p
     return {"eval_nll": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
 
 
+def data_report(stats: dict, spec: str, max_len: int) -> str:
+    return (f"{stats['rows']} rows from {spec}, {stats['truncated']} truncated to {max_len} tokens, "
+            f"{stats['empty_replies']} dropped because every assistant reply is empty, "
+            f"{stats['dropped_empty']} dropped with no trainable token left")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -433,12 +554,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(args: argparse.Namespace) -> dict:
     device = args.device or default_device()
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is visible; drop --device to use the CPU.")
-    if args.loss in PREFERENCE_LOSSES:
-        check_preference_flags(args)
     precision = Precision(device, args.dtype)
     out = Path(args.out)
+    for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
+        print(f"{out}: {done} (left by an interrupted checkpoint write)")
+    if args.resume in ("auto", "latest"):
+        finished = finished_run(out)
+        if finished:
+            print(finished)
+            return {"steps": 0, "stop_reason": "already finished"}
     resume_dir = find_resume_dir(args) if args.resume else None
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -492,6 +616,9 @@ def train(args: argparse.Namespace) -> dict:
             precision.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         print(f"resumed from {resume_dir} at step {step}")
+        truncate_metrics(out / "metrics.jsonl", step)
+    elif args.resume == "auto":
+        print(f"--resume: no checkpoint in {out} yet, starting fresh")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
@@ -605,6 +732,8 @@ def train(args: argparse.Namespace) -> dict:
             log({"step": step, "eval": True, **ev})
             # Early stopping watches the held-out NLL, or for preference runs the held-out preference error.
             score = 1.0 - ev["eval_preference_accuracy"] if preference else ev["eval_nll"]
+            tqdm.write(f"eval at step {step}: nll {ev['eval_nll']:.4f}"
+                       + (f", preference accuracy {ev['eval_preference_accuracy']:.3f}" if preference else ""))
             if score < best_eval:
                 best_eval, evals_since_best = score, 0
             else:
@@ -614,6 +743,7 @@ def train(args: argparse.Namespace) -> dict:
                 break
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             save_checkpoint(out / f"step_{step}", model, tok, model_dir, args, state_now())
+            prune_checkpoints(out, args.keep_last, step)
     bar.close()
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}

@@ -432,8 +432,9 @@ def tokenize_rows(
 ) -> tuple[list[Example], dict[str, int]]:
     """Tokenize every row; keep the first `max_len` tokens of each. Returns (examples, stats).
 
-    stats: rows (read), truncated (rows longer than max_len), dropped_empty (rows left with no trained token after
-    position 0, e.g. a chat whose assistant reply was cut off entirely), examples (kept).
+    stats: rows (read), truncated (rows longer than max_len), empty_replies (chats whose every assistant reply is
+    empty or whitespace: dropped, since all they would teach is to end the turn at once), dropped_empty (rows left with
+    no trained token after position 0, e.g. a chat whose assistant reply was cut off entirely), examples (kept).
     """
     if len(rows) == 0:
         raise UserError(f"dataset {source or '(rows)'} has no rows; check the file and split.")
@@ -442,9 +443,14 @@ def tokenize_rows(
     if layout is None:
         layout = detect_layout(rows[0], row_location(rows, 0, source))
     examples: list[Example] = []
-    truncated = dropped_empty = 0
+    truncated = dropped_empty = empty_replies = 0
     for index, row in enumerate(rows):
-        ids, mask = encode_row(row, layout, tokenizer, row_location(rows, index, source))
+        where = row_location(rows, index, source)
+        replies = trained_turns(row, layout, where)
+        if replies and all(not m["content"].strip() for m in replies):
+            empty_replies += 1
+            continue
+        ids, mask = encode_row(row, layout, tokenizer, where)
         if max_len is not None and len(ids) > max_len:
             truncated += 1
             ids, mask = ids[:max_len], mask[:max_len]
@@ -452,8 +458,14 @@ def tokenize_rows(
             dropped_empty += 1
             continue
         examples.append(Example(input_ids=ids, loss_mask=mask, index=index))
-    stats = {"rows": len(rows), "truncated": truncated, "dropped_empty": dropped_empty, "examples": len(examples)}
+    stats = {"rows": len(rows), "truncated": truncated, "empty_replies": empty_replies, "dropped_empty": dropped_empty,
+             "examples": len(examples)}
     return examples, stats
+
+
+def trained_turns(row: Mapping[str, Any], layout: str, where: str = "row") -> list[dict[str, str]]:
+    """The assistant turns of a chat-like row (the ones its loss mask covers)."""
+    return [m for m in row_to_messages(row, layout, where) or [] if m["role"] == "assistant"]
 
 
 # ----- splits -----

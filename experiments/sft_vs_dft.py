@@ -15,8 +15,8 @@ any training problem: the generalisation the DFT paper claims). Writes to --out:
 
 from __future__ import annotations
 
-import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
+from cli import NON_NEGATIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
 from model import UserError  # noqa: E402
 
 
 def run_one(loss: str, seed: int, args, out: Path) -> dict:
     run_dir = out / f"{loss}_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the experiment's own run from an earlier invocation: train afresh
     train_args = ["--loss", loss, "--model", "lab", "--data", "lab", "--seed", str(seed), "--out", str(run_dir),
                   "--max-steps", str(args.steps), "--lr", str(args.lr), "--eval-every", "0", "--no-progress"]
     if args.quick:  # 3 steps need few examples, and so does minor_sft's reference pass over them
@@ -105,20 +107,27 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (16 examples each)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--k", type=int, default=4, help="samples per problem")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N problems of each split")
-    ap.add_argument("--out", default="runs/sft_vs_dft")
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__)
+    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"], choices=sorted(train.LOSSES),
+                    help="objectives to compare")
+    ap.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run per objective and seed")
+    ap.add_argument("--steps", type=POSITIVE_INT, default=100, help="optimizer steps per run (16 examples each)")
+    ap.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=1e-3, help="peak learning rate of every run")
+    ap.add_argument("--k", type=POSITIVE_INT, default=4, help="samples per problem")
+    ap.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="sampling temperature of the evals")
+    ap.add_argument("--eval-limit", type=POSITIVE_INT, default=None,
+                    help="score only the first N problems of each split (default: all)")
+    ap.add_argument("--out", type=output_dir, default="runs/sft_vs_dft",
+                    help="results and runs (a run already there is trained again from scratch)")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 3 steps on 64 examples, 8 problems, k=2, 64 new tokens: checks the pipeline")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    args = ap.parse_args(argv)
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest completion in the evals")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_limit, args.k, args.max_new_tokens = args.seeds[:1], 3, 8, 2, 64
     out = Path(args.out)

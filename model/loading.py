@@ -143,6 +143,33 @@ def atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def recover_interrupted_saves(parent: str | Path) -> list[str]:
+    """Undo what killed `save_model` calls left in `parent`; returns what was done, one phrase per item.
+
+    A kill while the files were written leaves a temp directory `.NAME.tmp-*`: removed. A kill inside
+    `atomic_replace_dir`, between its two renames, leaves the previous checkpoint as `NAME.old` and no `NAME`: put
+    back (and a `NAME.old` next to a whole `NAME` is removed)."""
+    parent = Path(parent)
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for tmp in sorted(parent.glob(".*.tmp-*")):
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+            done.append(f"removed {tmp.name}")
+    for old in sorted(parent.glob("*.old")):
+        if not old.is_dir():
+            continue
+        target = old.with_name(old.name.removesuffix(".old"))
+        if target.exists():
+            shutil.rmtree(old)
+            done.append(f"removed {old.name}")
+        else:
+            os.replace(old, target)
+            done.append(f"restored {target.name} from {old.name}")
+    return done
+
+
 def save_model(model: Qwen2ForCausalLM, out_dir: str | Path, tokenizer=None, source_dir: str | Path | None = None,
                max_shard_bytes: int = 2 * 1024**3, extra_writer=None) -> Path:
     """Write an HF-layout checkpoint: config.json, model.safetensors (sharded past max_shard_bytes), tokenizer files,

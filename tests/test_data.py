@@ -246,7 +246,7 @@ def test_missing_path_is_named(tmp_path):
 def test_mask_covers_only_assistant_tokens(tokenizer):
     rows = load_rows(str(DATA / "smoltalk" / "sample_1.jsonl"))
     examples, stats = tokenize_rows(rows, tokenizer, max_len=4096)
-    assert stats == {"rows": 1, "truncated": 0, "dropped_empty": 0, "examples": 1}
+    assert stats == {"rows": 1, "truncated": 0, "empty_replies": 0, "dropped_empty": 0, "examples": 1}
     example = examples[0]
     assert example.index == 0
     assert example.input_ids == tokenizer.apply_chat_template(rows[0]["messages"])
@@ -270,6 +270,27 @@ def test_preference_rows_train_sft_on_prompt_and_chosen(tokenizer):
         assert example.input_ids == tokenizer.apply_chat_template(row["chosen"])
 
 
+def test_rows_whose_replies_are_all_empty_are_counted_and_dropped(tokenizer):
+    """An empty (or blank) reply would train only its <|im_end|>; a chat with one real reply among empty ones stays.
+    Rows 1, 2 and 4 are empty in every assistant turn (3 of 5); rows 0 and 3 are kept."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " \n"},
+                      {"role": "user", "content": "And?"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                      {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Yes."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "   "}]},
+    ]
+    examples, stats = tokenize_rows(rows, tokenizer, max_len=64)
+    assert stats == {"rows": 5, "truncated": 0, "empty_replies": 3, "dropped_empty": 0, "examples": 2}
+    assert [e.index for e in examples] == [0, 3]
+    preference = [{"prompt": "Hi", "chosen": "", "rejected": "No."}, {"prompt": "Hi", "chosen": "Yes.", "rejected": ""}]
+    examples, stats = tokenize_rows(preference, tokenizer, max_len=64)  # trained on the chosen reply only
+    assert stats["empty_replies"] == 1 and [e.index for e in examples] == [1]
+
+
 def test_truncation_is_counted_and_fully_cut_replies_are_dropped(tokenizer):
     long_user = "word " * 200
     rows = [
@@ -279,7 +300,7 @@ def test_truncation_is_counted_and_fully_cut_replies_are_dropped(tokenizer):
         {"prompt": "Hi", "completion": "ok"},
     ]
     examples, stats = tokenize_rows(rows, tokenizer, max_len=64)
-    assert stats == {"rows": 4, "truncated": 2, "dropped_empty": 1, "examples": 3}
+    assert stats == {"rows": 4, "truncated": 2, "empty_replies": 0, "dropped_empty": 1, "examples": 3}
     assert [e.index for e in examples] == [0, 1, 3]  # indices stay those of the rows
     for example in examples:
         assert len(example.input_ids) == len(example.loss_mask) <= 64

@@ -247,14 +247,22 @@ def test_resume_from_step_3_reproduces_steps_4_to_6(model_dir: Path, data_dir: P
 @requires_shared
 def test_killed_run_resumes_to_the_same_numbers(model_dir: Path, data_dir: Path, uninterrupted: Path,
                                                  tmp_path: Path):
+    """SIGKILL inside a checkpoint write, then the same command with --resume (auto): the interrupted write's temp
+    folder is removed, training continues from the newest whole checkpoint, metrics.jsonl holds each step once,
+    and the final weights are the uninterrupted run's. --keep-last 2 leaves the two newest step_N."""
     data = data_dir / "d8.jsonl"
     ref_rows = {r["step"]: r for r in read_rows(uninterrupted)}
 
     out = tmp_path / "killed"
     log = tmp_path / "killed.log"
+    flags = ["--save-every", "1", "--keep-last", "2", "--resume"]  # --resume: a job script can always pass it
+
+    def writing() -> list[Path]:  # temp directories of save_model (not of --keep-last's deletions)
+        return [p for p in out.glob(".step_*.tmp-*") if not p.name.endswith(".tmp-pruned")]
+
     with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "train.py", *resume_flags(model_dir, data, out, 1000),
-                                 "--save-every", "1"], cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "train.py", *resume_flags(model_dir, data, out, 1000), *flags],
+                                cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not (out / "step_3").is_dir():
@@ -263,13 +271,14 @@ def test_killed_run_resumes_to_the_same_numbers(model_dir: Path, data_dir: Path,
             time.sleep(0.01)
         # Aim the kill at the middle of the next save: its temp directory exists while it is written.
         deadline = time.monotonic() + 30
-        while not list(out.glob(".step_*.tmp-*")) and time.monotonic() < deadline:
+        while not writing() and time.monotonic() < deadline:
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    left_over = [p.name for p in out.iterdir() if ".tmp-" in p.name]
 
     # Whatever the kill interrupted, `latest` is a whole checkpoint, never a temp directory.
     latest = train.find_resume_dir(Namespace(resume="latest", out=str(out)))
@@ -277,18 +286,90 @@ def test_killed_run_resumes_to_the_same_numbers(model_dir: Path, data_dir: Path,
     assert weights(latest).keys()
     resumed_from = int(latest.name.split("_")[1])
     assert 3 <= resumed_from < 6
-    for half_written in out.glob(".step_*.tmp-*"):  # present when the kill landed inside a save
-        assert int(half_written.name.split(".")[1].removeprefix("step_")) > resumed_from
 
-    result = cli(*resume_flags(model_dir, data, out, 6), "--resume", "latest")
+    result = cli(*resume_flags(model_dir, data, out, 6), *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {latest} at step {resumed_from}" in result.stdout
-    rows = {r["step"]: r for r in read_rows(out)}  # steps the killed run logged past its checkpoint are re-logged
-    assert sorted(rows) == list(range(1, 7))
-    for step, row in rows.items():
+    for name in left_over:  # the kill usually lands inside a save (the wait above aims at it)
+        assert f"{out}: removed {name} (left by an interrupted checkpoint write)" in result.stdout
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+    # The killed run logged steps past its checkpoint; they were trained again and are logged once.
+    steps = [r["step"] for r in read_rows(out)]
+    assert steps == list(range(1, 7))
+    for row in read_rows(out):
         for k in ("loss", "grad_norm", "nll", "tokens"):
-            assert row[k] == pytest.approx(ref_rows[step][k], rel=1e-6), (step, k)
+            assert row[k] == pytest.approx(ref_rows[row["step"]][k], rel=1e-6), (row["step"], k)
     assert_same_weights(out / "final", uninterrupted / "final", atol=1e-6)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_4", "step_5"]
+
+
+@requires_shared
+def test_resume_of_a_finished_run_says_so_and_fresh_start_over_it_is_refused(
+        model_dir: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "done"
+    flags = [*base_flags(model_dir, data_dir / "d4.jsonl", out), "--loss", "sft", "--max-steps", "2",
+             "--save-every", "1"]
+    summary = train.train(train.parse_args([*flags, "--resume"]))  # nothing there yet: a fresh start
+    assert summary["steps"] == 2 and f"--resume: no checkpoint in {out} yet, starting fresh" in capsys.readouterr().out
+    log = (out / "metrics.jsonl").read_text()
+    final_mtime = (out / "final" / "model.safetensors").stat().st_mtime_ns
+
+    for mode in (["--resume"], ["--resume", "auto"], ["--resume", "latest"]):
+        summary = train.train(train.parse_args([*flags, *mode]))
+        assert summary["stop_reason"] == "already finished"
+        assert f"{out} already finished after 2 steps" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == log  # nothing trained, logged or saved
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final_mtime
+
+    with pytest.raises(SystemExit) as exit_info:  # no --resume: a fresh run would mix with the finished one
+        train.main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == (f"error: argument --out: {out} already holds checkpoints of an earlier run (final, step_1); pass "
+                   f"--resume to continue it, or another --out (or delete {out}) to start over.\n")
+
+
+def test_interrupted_saves_are_recovered(tmp_path: Path):
+    """A kill inside save_model leaves `.NAME.tmp-*` (removed); one between atomic_replace_dir's two renames leaves
+    the previous `NAME` as `NAME.old` (put back when NAME is missing, removed when NAME is whole)."""
+    from model import recover_interrupted_saves
+
+    (tmp_path / ".step_4.tmp-abc123").mkdir()
+    (tmp_path / ".step_4.tmp-abc123" / "model.safetensors").write_bytes(b"\0" * 10)
+    (tmp_path / ".step_1.tmp-pruned").mkdir()
+    (tmp_path / "final.old").mkdir()
+    (tmp_path / "final.old" / "config.json").write_text("{}")
+    (tmp_path / "step_3").mkdir()
+    (tmp_path / "step_3.old").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("")
+    done = recover_interrupted_saves(tmp_path)
+    assert sorted(done) == ["removed .step_1.tmp-pruned", "removed .step_4.tmp-abc123", "removed step_3.old",
+                            "restored final from final.old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "metrics.jsonl", "step_3"]
+    assert (tmp_path / "final" / "config.json").read_text() == "{}"
+    assert recover_interrupted_saves(tmp_path / "missing") == []
+
+
+def test_truncate_metrics_keeps_each_step_once(tmp_path: Path):
+    """Resuming at step 3: the rows of steps 4-5 (and a line cut off by the kill) go; the eval row of step 3 stays."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1}, {"step": 2}, {"step": 3}, {"step": 3, "eval": True}, {"step": 4}, {"step": 5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    train.truncate_metrics(path, 3)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]
+
+
+def test_keep_last_prunes_older_steps_only(tmp_path: Path):
+    """--keep-last 2 at step 5: step_4 and step_5 stay; step_7 (left by an earlier run resumed from an older step,
+    so newer than the current step) and a step_N without training state (not a checkpoint) are not touched."""
+    for n in (1, 2, 4, 5, 7):
+        (tmp_path / f"step_{n}").mkdir()
+        (tmp_path / f"step_{n}" / train.STATE_FILE).write_bytes(b"")
+    (tmp_path / "step_3").mkdir()
+    train.prune_checkpoints(tmp_path, 2, current=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_4", "step_5", "step_7"]
+    train.prune_checkpoints(tmp_path, 0, current=7)  # 0: keep every one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_4", "step_5", "step_7"]
 
 
 @requires_shared
@@ -485,13 +566,17 @@ def test_fp16_steps_match_fp32(model_dir: Path, short_rows: Path, tmp_path: Path
 
 
 @requires_shared
-def test_eval_rows_and_early_stopping(model_dir: Path, data_dir: Path, tmp_path: Path):
+def test_eval_rows_and_early_stopping(model_dir: Path, data_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture):
     data = data_dir / "d8.jsonl"
     out = tmp_path / "eval"
     summary, rows = run(model_dir, data, out, "--loss", "sft", "--eval-fraction", "0.25", "--eval-every", "2",
                         "--max-steps", "4", "--batch-size", "3")
     evals = read_rows(out, evals=True)
     assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, and at the end
+    printed = capsys.readouterr().out  # the mid-run eval on the console too, the final one in the last line
+    assert f"eval at step 2: nll {evals[0]['eval_nll']:.4f} (ppl {evals[0]['eval_ppl']:.2f})" in printed
+    assert f"eval nll {evals[1]['eval_nll']:.4f}" in printed
     for r in evals:
         assert r["eval"] is True and r["eval_ppl"] == pytest.approx(math.exp(r["eval_nll"]))
         assert r["eval_tokens"] > 0 and 5 < r["eval_nll"] < 15
