@@ -43,7 +43,9 @@ from data.preference import SPANS, collate_pairs, flatten, tokenize_preference_r
 from data.tokenizer import load_tokenizer
 from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
+from eval import grade, prompt_and_answer
 from model import UserError, default_device, load_model, recover_interrupted_saves, save_model
+from sample import generate, generation_eos_ids
 
 STATE_FILE = "training_state.pt"
 
@@ -124,6 +126,9 @@ def build_parser() -> Parser:
                    "fresh start when there is none (so a job script can always pass it); 'latest' the same but "
                    "there must be one; or a step_N directory. A run whose final/ exists is not trained again "
                    "(default: off, a fresh run, refused when --out already holds checkpoints)")
+    g.add_argument("--report-problems", type=NON_NEGATIVE_INT, default=None,
+                   help="greedy accuracy on the first N problems of --eval-data, before and after training, printed "
+                   "at the end with the held-out NLL and written to OUT/summary.json (0: off)")
     g.add_argument("--patience", type=NON_NEGATIVE_INT, default=0,
                    help="stop after this many evals without improvement (0: never)")
     g.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5, help="stop after this many non-finite steps in a row")
@@ -164,10 +169,10 @@ def loss_defaults(hparam: str) -> str:
 # Defaults that depend on the job. Real models follow the DFT paper's recipe (AdamW, lr 5e-5, cosine, 10% warmup).
 # The lab (a few-million-parameter model on a CPU, data/lab.py) needs a larger learning rate and a short budget;
 # those defaults apply when --data is a lab spec. Any flag given on the command line wins.
-DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "max_len": 1024,
+DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "max_len": 1024, "report_problems": 0,
             "eval_fraction": 0.0, "eval_every": 0}
 LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
-                "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50}
+                "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50, "report_problems": 50}
 
 
 def document_job_defaults(parser: argparse.ArgumentParser) -> None:
@@ -544,6 +549,59 @@ def data_report(stats: dict, spec: str, max_len: int) -> str:
             f"{stats['dropped_empty']} dropped with no trainable token left")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What changed: the before/after lines a run ends with (held-out NLL, and greedy accuracy when the eval rows carry
+# answers), so a short run says in terms a user cares about whether the objective helped.
+
+REPORT_MAX_NEW_TOKENS = 256
+
+
+def report_problems(args) -> list[tuple[list[dict], str]]:
+    """The first --report-problems rows of --eval-data as (prompt turns, reference answer); none without answers."""
+    if not args.report_problems or not args.eval_data:
+        return []
+    rows = load_rows(args.eval_data, args.eval_split)[:args.report_problems]
+    try:
+        return [prompt_and_answer(row, f"{args.eval_data} row {i + 1}") for i, row in enumerate(rows)]
+    except UserError:
+        return []  # e.g. plain text rows: the report then has the NLL only
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, model_dir: Path, problems: list[tuple[list[dict], str]]) -> float:
+    """Share of `problems` the model solves with greedy decoding (answers checked by data/answers.py)."""
+    model.eval()
+    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    outs = generate(model, [tok.encode_prompt(messages) for messages, _ in problems], REPORT_MAX_NEW_TOKENS, eos,
+                    temperature=0.0, pad_id=tok.pad_token_id)
+    model.train()
+    return sum(grade(tok.decode(o, skip_special_tokens=True), answer)[1] is True
+               for o, (_, answer) in zip(outs, problems)) / len(problems)
+
+
+def measure(model, tok, model_dir: Path, eval_examples: list, problems: list, evaluate_fn, args, device: str,
+            precision) -> dict:
+    """Held-out NLL (and preference accuracy for pairs) plus greedy accuracy on the report problems."""
+    figures = {}
+    if eval_examples:
+        ev = evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+        figures.update({k: ev[k] for k in ("eval_nll", "eval_preference_accuracy") if k in ev})
+    if problems:
+        figures["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
+    return figures
+
+
+def print_report(before: dict, after: dict, args, path: Path) -> None:
+    names = {"eval_nll": "held-out NLL", "eval_preference_accuracy": "preference accuracy",
+             "greedy_accuracy": f"accuracy (greedy, {args.report_problems} problems)"}
+    keys = [k for k in names if k in after]
+    if not keys:
+        return
+    print(f"what changed on {args.eval_data}:" + "".join(
+        f"\n  {names[k]:34s} {before.get(k, float('nan')):8.3f} -> {after[k]:8.3f}" for k in keys))
+    print(f"(before -> after; written to {path})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -621,6 +679,13 @@ def train(args: argparse.Namespace) -> dict:
         print(f"--resume: no checkpoint in {out} yet, starting fresh")
 
     out.mkdir(parents=True, exist_ok=True)
+    evaluate_fn = evaluate_pairs if preference else evaluate
+    problems = report_problems(args)
+    before_file = out / "summary_before.json"  # kept across a resume: "before" is the run's starting model
+    if resume_dir is None:
+        before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision)
+        before_file.write_text(json.dumps(before) + "\n")
+    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     metrics_file = open(out / "metrics.jsonl", "a" if resume_dir else "w")
     n_params = sum(p.numel() for p in model.parameters())
@@ -748,8 +813,7 @@ def train(args: argparse.Namespace) -> dict:
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
     if eval_examples:
-        ev = (evaluate_pairs if preference else evaluate)(model, eval_examples, tok.pad_token_id, args.batch_size,
-                                                           device, precision, args.chunk_size)
+        ev = evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
         log({"step": step, "eval": True, **ev})
         summary.update(ev)
     save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final
@@ -757,6 +821,13 @@ def train(args: argparse.Namespace) -> dict:
     print(f"done ({stop_reason}): {step} steps, {skipped} skipped, final loss {last_row.get('loss', float('nan')):.4f}"
           + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if eval_examples else "")
           + f"; checkpoint in {out / 'final'}")
+    after = {k: summary[k] for k in ("eval_nll", "eval_preference_accuracy") if k in summary}
+    if problems:
+        after["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
+    report = {"data": args.eval_data, "report_problems": len(problems), "before": before, "after": after}
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(before, after, args, out / "summary.json")
+    summary["before"], summary["after"] = before, after
     return summary
 
 
