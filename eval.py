@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from data.collate import collate
-from data.datasets import LAYOUT_FIELDS, detect_layout, load_rows, row_to_messages, tokenize_rows
-from data.lab import LAB_BASE_DIR, answers_match, extract_boxed
+from data.datasets import load_rows, tokenize_rows
+from data.answers import grade, prompt_and_answer
+from data.lab import LAB_BASE_DIR
 from data.tokenizer import load_tokenizer
 from losses.logprobs import sequence_logprobs
 from model import UserError, default_device, load_model
@@ -46,28 +47,6 @@ def model_spec(name: str) -> str:
 
 
 # ---- accuracy -----------------------------------------------------------------------------------------------------
-
-def prompt_and_answer(row: dict, where: str) -> tuple[list[dict], str]:
-    """The prompt turns of a row and its reference answer, for any layout that carries one."""
-    if "prompt" in row and "answer" in row and "completion" not in row:  # lab:...:prompt, GRPO-style rows
-        prompt = row["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return messages, str(row["answer"])
-    layout = detect_layout(row, where)
-    messages = row_to_messages(row, layout, where)
-    if messages is None:
-        raise UserError(f"{where}: a plain text row has no prompt to answer; accuracy needs problem/answer rows.")
-    last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
-    prompt, reply = messages[:last_user + 1], "".join(m["content"] for m in messages[last_user + 1:])
-    if "answer" in row and isinstance(row["answer"], str) and "####" in row["answer"]:  # GSM8K: "... #### 42"
-        return prompt, row["answer"].rsplit("####", 1)[1].strip()
-    if "answer" in row and not isinstance(row["answer"], (list, dict)):  # MATH-500, lab rows
-        return prompt, str(row["answer"])
-    boxed = extract_boxed(reply)
-    if boxed is None:
-        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} in the reference reply; accuracy needs one.")
-    return prompt, boxed
-
 
 def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]:
     problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
@@ -94,12 +73,6 @@ def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]
     result = summarize(correct, [r["prediction"] for r in records])
     result["gen_tokens_per_s"] = n_tokens / (time.perf_counter() - start)
     return result, records
-
-
-def grade(completion: str, answer: str) -> tuple[str | None, bool]:
-    """(the completion's answer: its last \\boxed{}, or None; whether it matches the reference answer)."""
-    pred = extract_boxed(completion)
-    return pred, answers_match(pred, answer)
 
 
 def summarize(correct: np.ndarray, predictions: list[str | None]) -> dict:
