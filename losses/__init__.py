@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from losses.common import SFT_NORMS, LossOutput
 from losses.dft import dft_loss
+from losses.grpo import grpo_loss
 from losses.minor_sft import minor_sft_loss
 from losses.sft import sft_loss
 from losses.sft_dpo import sft_dpo_loss
@@ -27,10 +28,16 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "dft": dft_loss,
     "minor_sft": minor_sft_loss,
     "sft_dpo": sft_dpo_loss,
+    "grpo": grpo_loss,
 }
 
-# Objectives whose batch must carry `ref_logps` from a frozen reference model.
+# Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
+# and its batches are new completions each step, so train.py's rollout block computes them live.)
 NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo"}
+
+# Objectives trained on completions sampled from the policy during training (train.py's rollout block), not on the
+# dataset's replies.
+ONLINE: set[str] = {"grpo"}
 
 
 def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -39,4 +46,4 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["LOSSES", "NEEDS_REFERENCE", "LossOutput", "SFT_NORMS", "hparams_for"]
+__all__ = ["LOSSES", "NEEDS_REFERENCE", "ONLINE", "LossOutput", "SFT_NORMS", "hparams_for"]
