@@ -17,6 +17,7 @@ autocast with our dynamic loss scaler; fp32 on CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -31,13 +32,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.answers import check_answer, extract_answer, prompt_turns, reference_answer
 from data.collate import BatchSampler, collate, pack_rows
-from data.datasets import load_rows, split_holdout, tokenize_rows
+from data.datasets import Example, load_rows, split_holdout, tokenize_rows
 from data.lab import LAB_BASE_DIR, is_lab_spec
 from data.tokenizer import load_tokenizer
-from losses import LOSSES, NEEDS_REFERENCE, SFT_NORMS, hparams_for
+from losses import LOSSES, NEEDS_REFERENCE, ONLINE, SFT_NORMS, hparams_for
+from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS, group_advantages
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
+from data.rewards import REWARD_OPTIONS, Completion, build_rewards
+from data.rewards import score as score_rewards
 from model import UserError, default_device, load_model, save_model
+from sample import generate, generation_eos_ids
 
 STATE_FILE = "training_state.pt"
 
@@ -46,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("objective")
     g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
-    g.add_argument("--beta", type=float, default=None, help="beta of minor_sft / sft_dpo (default: the loss's own)")
+    g.add_argument("--beta", type=float, default=None, help="beta of minor_sft / sft_dpo, or grpo's KL coefficient "
+                   "(grpo: >= 0, default 0, which loads no reference model; others: the loss's own default)")
     g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
                    help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
     g.add_argument("--length-normalized-ratio", action="store_true",
@@ -54,6 +61,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ref-model", default=None, help="reference model for minor_sft / sft_dpo (default: --model)")
     g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
                    help="precompute reference log-probs once (cached on disk) or keep a live reference model")
+
+    g = ap.add_argument_group("rollouts and rewards (--loss grpo; see losses/grpo.py, data/rewards.py)")
+    g.add_argument("--num-generations", type=int, default=8, help="completions sampled per prompt, G (>= 2; "
+                   "default 8). A step has --batch-size x --grad-accum prompts, a micro-batch --batch-size of them")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest completion in tokens (>= 1; default 512, lab 96)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0 < p <= 1; default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (>= 0; default 0: off)")
+    g.add_argument("--mu", type=int, default=1, help="optimizer steps per rollout batch (>= 1; default 1); with "
+                   "mu > 1 the old log-probs are computed once, before the batch's first update")
+    g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
+                   help="group baseline: grpo (r - mean) / std, rloo leave-one-out mean, mean (Dr. GRPO); default grpo")
+    g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token", help="token: mean over the step's "
+                   "completion tokens (DAPO, default); sequence: per-completion mean, then mean (GRPO paper); "
+                   "constant: token sum / --max-new-tokens, mean over completions (Dr. GRPO)")
+    g.add_argument("--clip-eps-low", type=float, default=0.2, help="ratio clipped below at 1 - eps (0 <= eps < 1; "
+                   "default 0.2)")
+    g.add_argument("--clip-eps-high", type=float, default=0.2, help="ratio clipped above at 1 + eps (>= 0; default "
+                   "0.2; DAPO's clip-higher uses 0.28)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
+    g.add_argument("--skip-zero-variance", action="store_true",
+                   help="leave groups whose rewards are all equal out of the loss and its denominator")
+    g.add_argument("--reward", action="append", default=None, metavar="NAME[:W] | FILE.py:FN[:W]",
+                   help="a reward and its weight, repeatable: accuracy, format, length, language, or a function "
+                   "from a file (default: accuracy)")
+    g.add_argument("--format-pattern", default=None, help="format reward: a regex the completion must contain "
+                   "(default: a closed \\boxed{})")
+    g.add_argument("--length-target", type=int, default=256, help="length reward: tokens allowed before the "
+                   "penalty starts (>= 0; default 256)")
+    g.add_argument("--length-coef", type=float, default=0.001,
+                   help="length reward: lambda of -lambda max(0, len - target)^2 (>= 0; default 0.001, paper 004)")
+    g.add_argument("--answer-timeout", type=float, default=5.0,
+                   help="seconds allowed per answer check before the reward is None (> 0; default 5)")
 
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
@@ -111,11 +153,19 @@ DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "ma
             "eval_fraction": 0.0, "eval_every": 0}
 LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
                 "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50}
+# Online objectives (grpo) override these: prompts per micro-batch, completion length, a smaller learning rate, and on
+# the lab a short run that evaluates greedy accuracy on held-out prompts every 10 steps (and before the first step).
+ONLINE_DEFAULTS = {"lr": 1e-6, "warmup_ratio": 0.0, "batch_size": 4, "max_new_tokens": 512, "max_len": 2048}
+LAB_ONLINE_DEFAULTS = {"lr": 3e-4, "warmup_ratio": 0.0, "max_steps": 40, "batch_size": 8, "max_new_tokens": 96,
+                       "eval_data": "lab:test:prompt", "eval_every": 10}
 
 
 def apply_defaults(args: argparse.Namespace) -> None:
     lab = is_lab_spec(args.data)
-    for key, value in (LAB_DEFAULTS if lab else DEFAULTS).items():
+    table = LAB_DEFAULTS if lab else DEFAULTS
+    if args.loss in ONLINE:
+        table = {**table, **(LAB_ONLINE_DEFAULTS if lab else ONLINE_DEFAULTS)}
+    for key, value in table.items():
         if key == "max_steps" and args.epochs is not None:
             continue  # an explicit --epochs sets the budget
         if getattr(args, key, None) is None:
@@ -123,6 +173,10 @@ def apply_defaults(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS.items():  # flags the lab table leaves out
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = ONLINE_DEFAULTS["max_new_tokens"]
+    if args.reward is None:
+        args.reward = ["accuracy"]
     if args.out is None:
         args.out = f"runs/{args.loss}"
     if args.model == "lab":
@@ -199,7 +253,9 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: str
 
 def loss_hparams(args: argparse.Namespace) -> dict:
     """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
-    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio}
+    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
+             "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
+             "agg_constant": float(args.max_new_tokens)}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
 
 
@@ -268,6 +324,128 @@ def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: 
         os.replace(tmp, path)
     del ref_model
     return None, table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts (online objectives, --loss grpo): a step's micro-batches made from sampled completions instead of the
+# dataset's replies. Everything after this block (forward, loss, backward, clip, step) is the same code for both.
+
+def check_rollout_flags(args) -> None:
+    """One sentence per flag out of range, before any work."""
+    checks = [("--num-generations", args.num_generations, args.num_generations >= 2, ">= 2"),
+              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+              ("--temperature", args.temperature, args.temperature > 0, "> 0 (rollouts sample)"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+              ("--top-k", args.top_k, args.top_k >= 0, ">= 0"),
+              ("--mu", args.mu, args.mu >= 1, ">= 1"),
+              ("--clip-eps-low", args.clip_eps_low, 0 <= args.clip_eps_low < 1, "in [0, 1)"),
+              ("--clip-eps-high", args.clip_eps_high, args.clip_eps_high >= 0, ">= 0"),
+              ("--beta", args.beta, args.beta is None or args.beta >= 0, ">= 0"),
+              ("--length-target", args.length_target, args.length_target >= 0, ">= 0"),
+              ("--length-coef", args.length_coef, args.length_coef >= 0, ">= 0"),
+              ("--answer-timeout", args.answer_timeout, args.answer_timeout > 0, "> 0")]
+    for flag, value, ok, valid in checks:
+        if not ok:
+            raise UserError(f"{flag} {value} is out of range; it must be {valid}.")
+    if args.pack:
+        raise UserError("--pack does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
+
+
+def prompt_examples(rows, tok, max_len: int, source: str = "", *, max_new_tokens: int) -> tuple[list[Example], dict]:
+    """Each row's prompt turns, tokenized with the chat template up to the assistant header, as an Example with no
+    trained token (only its length and row index are used). Prompts with no room for --max-new-tokens within
+    --max-len are dropped and counted."""
+    examples, too_long = [], 0
+    for index, row in enumerate(rows):
+        where = rows.where(index) if hasattr(rows, "where") else f"{source} row {index + 1}"
+        ids = tok.encode_prompt(prompt_turns(row, where))
+        if len(ids) + max_new_tokens > max_len:
+            too_long += 1
+            continue
+        examples.append(Example(input_ids=ids, loss_mask=[0] * len(ids), index=index))
+    return examples, {"rows": len(rows), "truncated": too_long, "dropped_empty": 0}
+
+
+@torch.no_grad()
+def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], rows, tok, rewards, eos: list[int],
+                 args, device: str, precision: Precision, generator: torch.Generator) -> tuple[list[dict], dict]:
+    """P prompts -> P x G completions -> rewards -> group advantages -> collated micro-batches of --batch-size
+    prompts (x G completions), with each completion's advantage and keep flag, and, where needed, the old policy's
+    (mu > 1) and the reference's (beta > 0) log-probs. Returns (micro-batches, metrics of the rollout)."""
+    t0 = time.perf_counter()
+    G, chosen = args.num_generations, [prompts[i] for i in step_ids]
+    completions = generate(model, [e.input_ids for e in chosen], args.max_new_tokens, eos, args.temperature,
+                           args.top_k, args.top_p, tok.pad_token_id, generator, num_samples=G)
+    t1 = time.perf_counter()
+    # Lengths decide everything: a completion is truncated iff it does not end with an eos id; its trained tokens
+    # are exactly the generated ones (never found by comparing ids with the pad id, which may equal eos).
+    eos_set = set(eos)
+    truncated = [not (c and c[-1] in eos_set) for c in completions]
+    texts = [Completion(tok.decode(c, skip_special_tokens=True), len(c), t) for c, t in zip(completions, truncated)]
+    group_rows = [rows[e.index] for e in chosen for _ in range(G)]
+    totals, parts = score_rewards(rewards, texts, group_rows)
+    t2 = time.perf_counter()
+
+    table = torch.tensor([math.nan if r is None else r for r in totals]).view(len(chosen), G)  # (P, G)
+    advantages, zero_variance = group_advantages(table, args.advantage)  # (P, G), (P,)
+    keep = torch.ones(len(chosen), G)  # (P, G)
+    if args.mask_truncated:
+        keep[torch.tensor(truncated).view(len(chosen), G)] = 0.0
+    if args.skip_zero_variance:
+        keep[zero_variance] = 0.0
+    sequences = [Example(e.input_ids + c, [0] * len(e.input_ids) + [1] * len(c), index=k)
+                 for k, (e, c) in enumerate(zip((e for e in chosen for _ in range(G)), completions))]
+    per_batch = args.batch_size * G
+    batches = []
+    for s in range(0, len(sequences), per_batch):
+        batch = to_device(collate(sequences[s:s + per_batch], tok.pad_token_id), device)
+        batch["advantages"] = advantages.flatten()[s:s + per_batch].to(device)  # (N,) in sequence_ids order
+        batch["keep"] = keep.flatten()[s:s + per_batch].to(device)  # (N,)
+        with precision.autocast():
+            if args.mu > 1:  # pi_old: the policy before this rollout batch's first update
+                batch["old_logps"] = sequence_logprobs(model, batch, args.chunk_size).float()
+            if ref_model is not None:
+                batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
+        batches.append(batch)
+    t3 = time.perf_counter()
+
+    scored = [r for r in totals if r is not None]
+    lengths = [len(c) for c in completions]
+    row = {"reward": float(np.mean(scored)) if scored else math.nan,
+           "reward_std": float(np.nanmean(table.std(1, unbiased=False).numpy())) if scored else math.nan,
+           "zero_variance_groups": float(zero_variance.float().mean()), "unscored": len(totals) - len(scored),
+           "completion_len": float(np.mean(lengths)), "completion_len_max": max(lengths),
+           "truncated": float(np.mean(truncated)), "time_generate": t1 - t0, "time_score": t2 - t1,
+           "time_logprobs": t3 - t2}
+    for name, values in parts.items():
+        values = [v for v in values if v is not None]
+        row[f"reward_{name}"] = float(np.mean(values)) if values else math.nan
+    if "accuracy" in parts:
+        row["accuracy"] = row["reward_accuracy"]
+    return batches, row
+
+
+@torch.no_grad()
+def evaluate_rollouts(model, examples: list[Example], rows, tok, rewards, eos: list[int], args) -> dict:
+    """Held-out prompts, one greedy completion each: the mean total reward and, when every row has a reference
+    answer, the accuracy (data/answers.py, the checker of the accuracy reward)."""
+    model.eval()
+    texts, answers = [], []
+    for s in range(0, len(examples), 64):
+        chunk = examples[s:s + 64]
+        outs = generate(model, [e.input_ids for e in chunk], args.max_new_tokens, eos, temperature=0.0,
+                        pad_id=tok.pad_token_id)
+        texts += [Completion(tok.decode(o, skip_special_tokens=True), len(o), not (o and o[-1] in eos)) for o in outs]
+        answers += [reference_answer(rows[e.index]) for e in chunk]
+    model.train()
+    totals, _ = score_rewards(rewards, texts, [rows[e.index] for e in examples])
+    scored = [r for r in totals if r is not None]
+    out = {"eval_reward": float(np.mean(scored)) if scored else math.nan,
+           "eval_completion_len": float(np.mean([c.num_tokens for c in texts])), "eval_prompts": len(examples)}
+    if all(a is not None for a in answers):
+        out["eval_accuracy"] = float(np.mean([check_answer(extract_answer(t), a, args.answer_timeout) is True
+                                              for t, a in zip(texts, answers)]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +529,10 @@ def train(args: argparse.Namespace) -> dict:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is visible; drop --device to use the CPU.")
     precision = Precision(device, args.dtype)
+    online = args.loss in ONLINE
+    if online:
+        check_rollout_flags(args)
+        rewards = build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS})
     out = Path(args.out)
     resume_dir = find_resume_dir(args) if args.resume else None
     random.seed(args.seed)
@@ -362,11 +544,16 @@ def train(args: argparse.Namespace) -> dict:
     model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
     tok = load_tokenizer(model_dir)
     rows = load_rows(args.data, args.data_split)
-    examples, stats = tokenize_rows(rows, tok, args.max_len, source=args.data)
-    print(f"data: {stats['rows']} rows from {args.data}, {stats['truncated']} truncated to {args.max_len} tokens, "
-          f"{stats['dropped_empty']} dropped with no trainable token")
+    # Online objectives train on the prompts only (tokenized up to the assistant header); rollouts complete them.
+    tokenize = functools.partial(prompt_examples, max_new_tokens=args.max_new_tokens) if online else tokenize_rows
+    examples, stats = tokenize(rows, tok, args.max_len, source=args.data)
+    print(f"data: {stats['rows']} rows from {args.data}, {stats['truncated']} "
+          + (f"prompts dropped with no room for --max-new-tokens in --max-len {args.max_len}" if online else
+             f"truncated to {args.max_len} tokens, {stats['dropped_empty']} dropped with no trainable token"))
+    eval_rows = rows
     if args.eval_data:
-        eval_examples, _ = tokenize_rows(load_rows(args.eval_data, args.eval_split), tok, args.max_len, source=args.eval_data)
+        eval_rows = load_rows(args.eval_data, args.eval_split)
+        eval_examples, _ = tokenize(eval_rows, tok, args.max_len, source=args.eval_data)
     elif args.eval_fraction > 0:
         examples, eval_examples = split_holdout(examples, args.eval_fraction, args.seed)
     else:
@@ -375,10 +562,16 @@ def train(args: argparse.Namespace) -> dict:
         examples, eval_examples = examples[:args.max_examples], eval_examples[:args.max_examples]
     if not examples:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
+    if online and "accuracy" in args.reward:
+        for e in examples:
+            if reference_answer(rows[e.index]) is None:
+                where = rows.where(e.index) if hasattr(rows, "where") else f"row {e.index + 1}"
+                raise UserError(f"{where}: the accuracy reward needs a reference answer ('answer', a boxed solution "
+                                "or GSM8K's '#### N'); this row has none.")
 
     step_examples = args.batch_size * args.grad_accum
     sampler = BatchSampler(examples, step_examples, seed=args.seed, pack_len=args.max_len if args.pack else None)
-    steps_per_epoch = len(sampler.epoch_batches(0))
+    steps_per_epoch = len(sampler.epoch_batches(0)) * (args.mu if online else 1)  # mu updates per rollout batch
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
 
@@ -389,7 +582,10 @@ def train(args: argparse.Namespace) -> dict:
     if args.loss in NEEDS_REFERENCE:
         ref_spec = args.ref_model or args.model
         ref_model, ref_table = load_or_compute_reference(args, ref_spec, examples, tok, device, precision)
-
+    elif online and hparams.get("beta", 0.0) > 0:  # new completions every step: the reference runs live
+        ref_model = load_model(args.ref_model or args.model, torch.float32, device)[0].requires_grad_(False)
+    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})  # a chat turn ends at <|im_end|>
+    rollout: list[dict] | None = None  # the current rollout batch, reused for --mu steps
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
     optimizer = make_optimizer(model, args, device)
@@ -404,6 +600,7 @@ def train(args: argparse.Namespace) -> dict:
         if precision.scaler and state.get("scaler"):
             precision.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        rollout = state.get("rollout")
         print(f"resumed from {resume_dir} at step {step}")
 
     out.mkdir(parents=True, exist_ok=True)
@@ -418,31 +615,54 @@ def train(args: argparse.Namespace) -> dict:
         return {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "cursor": cursor,
                 "bad_streak": bad_streak, "skipped": skipped, "best_eval": best_eval,
                 "evals_since_best": evals_since_best, "rng": rng_state(),
-                "scaler": precision.scaler.state_dict() if precision.scaler else None}
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "rollout": rollout if online and step % args.mu else None}
 
     def log(row: dict) -> None:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+
+    def run_eval() -> dict:
+        if online:
+            return evaluate_rollouts(model, eval_examples, eval_rows, tok, rewards, eos, args)
+        return evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+
+    def eval_loss(ev: dict) -> float:  # lower is better, for --patience
+        return ev["eval_nll"] if "eval_nll" in ev else -ev.get("eval_accuracy", ev["eval_reward"])
+
+    if online and eval_examples and args.eval_every and step == 0:  # where the policy starts
+        log({"step": 0, "eval": True, **run_eval()})
 
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     batches = sampler.epoch_batches(epoch)
     last_row: dict = {}
     stop_reason = "reached --max-steps" if args.max_steps else "finished the epochs"
     while step < total_steps:
-        if cursor >= len(batches):
-            epoch, cursor = epoch + 1, 0
-            batches = sampler.epoch_batches(epoch)
-        step_batch = batches[cursor]
-        cursor += 1
         t0 = time.perf_counter()
         lr = lr_at(step, args, total_steps, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        rollout_row: dict = {}
+        pack_len = args.max_len if args.pack else None
+        if online and rollout is not None and step % args.mu != 0:
+            batches_mb = rollout  # update 2..mu on the same rollout batch (old log-probs computed before update 1)
+        else:
+            if cursor >= len(batches):
+                epoch, cursor = epoch + 1, 0
+                batches = sampler.epoch_batches(epoch)
+            step_batch = batches[cursor]
+            cursor += 1
+            if online:  # ---- rollouts: sampled completions of this step's prompts, scored, as micro-batches ----
+                generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+                rollout, rollout_row = make_rollout(model, ref_model, step_batch, examples, rows, tok, rewards, eos,
+                                                    args, device, precision, generator)
+                batches_mb = rollout
+            else:
+                batches_mb = [collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table)
+                              for micro in micro_batches(step_batch, examples, args.batch_size, pack_len)]
+        t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
-        pack_len = args.max_len if args.pack else None
-        batches_mb = [collate(micro, tok.pad_token_id, pack_len=pack_len, ref_logps=ref_table)
-                      for micro in micro_batches(step_batch, examples, args.batch_size, pack_len)]
         # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step), so gradient
         # magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients in range.
         step_tokens = max(1.0, float(sum(b["loss_mask"].sum() for b in batches_mb)))
@@ -451,8 +671,12 @@ def train(args: argparse.Namespace) -> dict:
         for batch in batches_mb:
             batch = to_device(batch, device)
             with precision.autocast():
-                logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
-                if ref_model is not None:
+                if online:  # the policy's entropy on the completions is logged (no gradient flows through it)
+                    logps, entropy = sequence_logprobs(model, batch, args.chunk_size, with_entropy=True)  # (B, T)
+                    batch["entropy"] = entropy.detach().float()
+                else:
+                    logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
+                if ref_model is not None and not online:
                     with torch.no_grad():
                         batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
                 result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
@@ -492,7 +716,9 @@ def train(args: argparse.Namespace) -> dict:
 
         row = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch,
                "tokens": n_tokens, "trained_tokens": n_trained, "tokens_per_s": n_tokens / dt, "step_time": dt,
-               **{name: s / max(c, 1e-12) for name, (s, c) in metric_sums.items()}}
+               **{name: s / max(c, 1e-12) for name, (s, c) in metric_sums.items()}, **rollout_row}
+        if online:
+            row["time_train"] = time.perf_counter() - t_train
         if not finite:
             row["skipped"] = True
         if precision.scaler:
@@ -501,10 +727,12 @@ def train(args: argparse.Namespace) -> dict:
         last_row = row
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", nll=f"{row.get('nll', loss):.4f}", gnorm=f"{grad_norm:.3f}",
-                        lr=f"{lr:.2e}")
+                        lr=f"{lr:.2e}", **({"reward": f"{row['reward']:.3f}"} if "reward" in row else {}))
         if args.no_progress:
             nll = f" nll {row['nll']:.4f}" if "nll" in row and args.loss != "sft" else ""
-            print(f"step {step}/{total_steps} loss {loss:.4f}{nll} grad_norm {grad_norm:.3f} lr {lr:.2e} "
+            reward = (f" reward {row['reward']:.3f} len {row['completion_len']:.0f} kl {row.get('kl', 0.0):.4f}"
+                      if "reward" in row else "")
+            print(f"step {step}/{total_steps} loss {loss:.4f}{nll}{reward} grad_norm {grad_norm:.3f} lr {lr:.2e} "
                   f"{row['tokens_per_s']:.0f} tok/s", flush=True)
         if bad_streak >= args.max_bad_steps:
             stop_reason = f"{bad_streak} non-finite steps in a row"
@@ -513,11 +741,12 @@ def train(args: argparse.Namespace) -> dict:
             break
 
         if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision,
-                          args.chunk_size)
+            ev = run_eval()
             log({"step": step, "eval": True, **ev})
-            if ev["eval_nll"] < best_eval:
-                best_eval, evals_since_best = ev["eval_nll"], 0
+            if online and not args.no_progress:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            if eval_loss(ev) < best_eval:
+                best_eval, evals_since_best = eval_loss(ev), 0
             else:
                 evals_since_best += 1
             if args.patience and evals_since_best >= args.patience:
@@ -529,13 +758,14 @@ def train(args: argparse.Namespace) -> dict:
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
     if eval_examples:
-        ev = evaluate(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+        ev = run_eval()
         log({"step": step, "eval": True, **ev})
         summary.update(ev)
     save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final
     metrics_file.close()
     print(f"done ({stop_reason}): {step} steps, {skipped} skipped, final loss {last_row.get('loss', float('nan')):.4f}"
-          + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if eval_examples else "")
+          + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if "eval_nll" in summary else "")
+          + (f", eval accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "")
           + f"; checkpoint in {out / 'final'}")
     return summary
 

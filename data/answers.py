@@ -35,8 +35,8 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
-from data.datasets import detect_layout, row_to_messages
-from model.errors import UserError
+# Deliberately light imports: the helper process that runs checks for other threads imports this module, and must
+# start in a second, so data.datasets and model.errors (which pull in torch) are imported where they are used.
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -108,11 +108,26 @@ def reference_answer(row: Mapping[str, Any], where: str = "row") -> str | None:
 
 
 def prompt_and_answer(row: Mapping[str, Any], where: str) -> tuple[list[dict], str]:
-    """The prompt turns of a row (everything before the reference reply) and its reference answer.
+    """The prompt turns of a row (see `prompt_turns`) and its reference answer (UserError if it has none)."""
+    from model.errors import UserError
 
-    Rows: `prompt` (a string or a list of turns) + `answer` (GRPO / lab:...:prompt rows), or any training layout
-    whose row carries an answer (question/answer, problem/solution, messages, prompt/completion).
+    messages = prompt_turns(row, where)
+    answer = reference_answer(row, where)
+    if answer is None:
+        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} (or '#### N') in the reference reply; "
+                        "accuracy needs one.")
+    return messages, answer
+
+
+def prompt_turns(row: Mapping[str, Any], where: str) -> list[dict]:
+    """The prompt turns of a row: everything before the reference reply.
+
+    Rows: `prompt` (a string or a list of turns), optionally with `answer` (GRPO / lab:...:prompt rows), or any
+    training layout (question/answer, problem/solution, messages, prompt/completion).
     """
+    from data.datasets import detect_layout, row_to_messages
+    from model.errors import UserError
+
     if "prompt" in row and "completion" not in row and "chosen" not in row:
         prompt = row["prompt"]
         if isinstance(prompt, str):
@@ -130,11 +145,7 @@ def prompt_and_answer(row: Mapping[str, Any], where: str) -> tuple[list[dict], s
         if last_user < 0:
             raise UserError(f"{where}: the row has no user turn to use as the prompt.")
         messages = full[:last_user + 1]
-    answer = reference_answer(row, where)
-    if answer is None:
-        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} (or '#### N') in the reference reply; "
-                        "accuracy needs one.")
-    return messages, answer
+    return messages
 
 
 # ----- equivalence -----
@@ -171,11 +182,16 @@ def _plain_integer(answer: str) -> int | None:
     return int(s) if _INTEGER.match(s) else None
 
 
+@lru_cache(maxsize=None)
 def _math_verify():
+    """math-verify, imported and warmed up once per process (sympy's import and the LaTeX grammar's first use take
+    seconds; they must not count against the first check's time limit)."""
     import math_verify
 
     # We pass no timeout to math-verify (ours wraps the whole check); it warns about that once per process.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    math_verify.verify(math_verify.parse("$1$", parsing_timeout=None), math_verify.parse("$\\frac{1}{2}$",
+                       parsing_timeout=None), timeout_seconds=None)
     return math_verify
 
 
@@ -211,6 +227,8 @@ def check_answer(pred: str | None, ref: str, timeout_s: float | None = DEFAULT_T
             return False
     if not pred.strip():
         return False
+    if _plain_integer(pred) is None or _plain_integer(ref) is None:
+        _math_verify()  # imported and warmed up before the clock starts
     try:
         return run_with_time_limit(_equivalent, (pred, ref), timeout_s)
     except TimeLimitReached:
@@ -263,6 +281,7 @@ def _run_with_alarm(fn: Callable, args: tuple, timeout_s: float) -> Any:
 
 def _serve(conn) -> None:
     """The helper process: run each (fn, args) it is sent and send back (ok, result or error text)."""
+    _math_verify()
     conn.send((True, "ready"))
     while True:
         try:

@@ -7,6 +7,7 @@ answers). Each expected verdict is what a human grader says: same number / set /
 from __future__ import annotations
 
 import json
+import operator
 import threading
 import time
 
@@ -198,19 +199,14 @@ def test_every_math500_and_gsm8k_reference_matches_itself_and_its_solution():
 
 # ----- the time limit -----
 
-def sleep_then_return(seconds: float) -> str:
-    time.sleep(seconds)
-    return "done"
-
-
 PATHOLOGICAL = B("9^{9^{9^{9}}}")  # sympy would compute a number with ~10^369693099 digits
 
 
 def test_time_limit_on_the_main_thread():
-    assert run_with_time_limit(sleep_then_return, (0.0,), 1.0) == "done"
+    assert run_with_time_limit(operator.add, (1, 2), 1.0) == 3
     start = time.perf_counter()
     with pytest.raises(TimeLimitReached):
-        run_with_time_limit(sleep_then_return, (5.0,), 0.2)
+        run_with_time_limit(time.sleep, (5.0,), 0.2)
     assert time.perf_counter() - start < 4.0
     assert check_answer(PATHOLOGICAL, "1", timeout_s=0.3) is None  # timed out: None, not False
     assert check_answer(B("2"), "2", timeout_s=0.3) is True  # the timer was cleared: later checks are unaffected
@@ -221,9 +217,9 @@ def test_time_limit_off_the_main_thread():
     results = {}
 
     def work():
-        results["fast"] = run_with_time_limit(sleep_then_return, (0.0,), 30.0)  # starts the helper
+        results["fast"] = run_with_time_limit(operator.add, (1, 2), 30.0)  # starts the helper
         try:
-            run_with_time_limit(sleep_then_return, (5.0,), 0.3)
+            run_with_time_limit(time.sleep, (5.0,), 0.3)
             results["slow"] = "returned"
         except TimeLimitReached:
             results["slow"] = "timed out"
@@ -232,5 +228,5 @@ def test_time_limit_off_the_main_thread():
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(120)
-    assert results == {"fast": "done", "slow": "timed out", "pathological": None, "after": True}
+    thread.join(600)
+    assert results == {"fast": 3, "slow": "timed out", "pathological": None, "after": True}
