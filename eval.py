@@ -6,11 +6,17 @@
     python eval.py --metric deviation --model runs/minor/final --ref-model lab --data lab:test
     python eval.py --metric preference --model lab --model runs/dpo/final --ref-model lab --data lab:test:preference
     python eval.py --metric responses --model lab --model runs/dpo/final --data lab:test:prompt --limit 5
+    python eval.py --metric accuracy --model Qwen/Qwen2.5-0.5B-Instruct --data math500/test.jsonl --k 16
+    python eval.py --metric accuracy --completions other_engine.jsonl --samples-out graded.jsonl
 
 Metrics:
-  accuracy     k samples per problem at --temperature with sample.py's batched generation; the last \\boxed{} of a
-               completion is its answer. avg@k = mean fraction of correct samples (the DFT paper's avg@16);
-               pass@k = share of problems with at least one correct sample. Generations go to a JSONL file.
+  accuracy     k samples per problem at --temperature with sample.py's batched generation (each prompt prefilled
+               once); a completion's answer is its last \\boxed{} (else GSM8K's '#### N'), checked against the
+               row's reference answer by data/answers.py (math-verify), the checker of the GRPO rewards.
+               avg@k = mean fraction of correct samples (the DFT paper's avg@16); pass@k = share of problems with
+               at least one correct sample; maj@k = share whose most common answer is correct. Non-lab questions
+               get --instruction (step by step, boxed) appended. Generations go to a JSONL file. With
+               --completions, completions made elsewhere are graded without loading any model.
   nll          mean NLL of the response tokens (assistant turns; every token for text rows) and its perplexity.
   token-probs  the distribution of p(target token) over the response tokens, as the DFT paper's Figure 2: a
                histogram table (and a PNG when matplotlib is installed).
@@ -32,16 +38,18 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TOP_P, Parser, Range, device_name, model_spec,
+from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser, Range, device_name, model_spec,
                  output_file, output_problem, refuse)
 from data.collate import collate
-from data.datasets import LAYOUT_FIELDS, detect_layout, load_rows, row_to_messages, tokenize_rows
-from data.lab import answers_match, extract_boxed, is_lab_spec
+from data.datasets import detect_layout, load_rows, row_to_messages, tokenize_rows
+from data.answers import DEFAULT_TIMEOUT_S, grade, normalize_answer, prompt_and_answer, reference_answer
+from data.lab import is_lab_spec
 from data.preference import collate_pairs, pair_messages, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
 from losses.logprobs import sequence_logprobs
@@ -56,75 +64,119 @@ PROB_BINS = np.array([0.0, 1e-3, 1e-2, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0
 
 # ---- accuracy -----------------------------------------------------------------------------------------------------
 
-def prompt_and_answer(row: dict, where: str) -> tuple[list[dict], str]:
-    """The prompt turns of a row and its reference answer, for any layout that carries one; an empty prompt is
-    refused with the row's name."""
-    messages, answer = _prompt_and_answer(row, where)
-    if not any(str(m.get("content", "")).strip() for m in messages if m.get("role") != "system"):
-        raise UserError(f"{where}: the prompt is empty; give the problem text or drop the row.")
-    return messages, answer
-
-
-def _prompt_and_answer(row: dict, where: str) -> tuple[list[dict], str]:
-    if "prompt" in row and "answer" in row and "completion" not in row:  # lab:...:prompt, GRPO-style rows
-        prompt = row["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return messages, str(row["answer"])
-    layout = detect_layout(row, where)
-    messages = row_to_messages(row, layout, where)
-    if messages is None:
-        raise UserError(f"{where}: a plain text row has no prompt to answer; accuracy needs problem/answer rows.")
-    last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
-    prompt, reply = messages[:last_user + 1], "".join(m["content"] for m in messages[last_user + 1:])
-    if "answer" in row and isinstance(row["answer"], str) and "####" in row["answer"]:  # GSM8K: "... #### 42"
-        return prompt, row["answer"].rsplit("####", 1)[1].strip()
-    if "answer" in row and not isinstance(row["answer"], (list, dict)):  # MATH-500, lab rows
-        return prompt, str(row["answer"])
-    boxed = extract_boxed(reply)
-    if boxed is None:
-        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} in the reference reply; accuracy needs one.")
-    return prompt, boxed
+def add_instruction(messages: list[dict], instruction: str) -> list[dict]:
+    """The prompt with `instruction` appended to its last user turn (nothing when it is empty)."""
+    if not instruction:
+        return messages
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [dict(m, content=m["content"] + "\n" + instruction) if i == last_user else m for i, m in enumerate(messages)]
 
 
 def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]:
     problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
                 for i, row in enumerate(rows)]
+    # Lab rows carry their own system prompt; MATH-500 / GSM8K questions get the step-by-step instruction.
+    instruction = "" if is_lab_spec(args.data) else args.instruction
     eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    correct = np.zeros((len(problems), args.k), dtype=bool)
+    verdicts: list[list[bool | None]] = [[] for _ in problems]
+    predictions: list[list[str | None]] = [[] for _ in problems]
     records = []
     n_tokens, start = 0, time.perf_counter()
     per_batch = max(1, args.batch_size // args.k)
     for s in range(0, len(problems), per_batch):
         chunk = problems[s:s + per_batch]
-        prompts = [tok.encode_prompt(messages) for messages, _ in chunk for _ in range(args.k)]
+        prompts = [tok.encode_prompt(add_instruction(messages, instruction)) for messages, _ in chunk]
         outs = generate(model, prompts, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p,
-                        tok.pad_token_id, generator)
+                        tok.pad_token_id, generator, num_samples=args.k)
         for j, out in enumerate(outs):
             p, sample = s + j // args.k, j % args.k
             text = tok.decode(out, skip_special_tokens=True)
-            pred, correct[p, sample] = grade(text, problems[p][1])
+            pred, verdict = grade(text, problems[p][1], args.answer_timeout)
+            verdicts[p].append(verdict)
+            predictions[p].append(pred)
             n_tokens += len(out)
             records.append({"problem": p, "sample": sample, "answer": problems[p][1], "prediction": pred,
-                            "correct": bool(correct[p, sample]), "completion": text})
-    result = summarize(correct, [r["prediction"] for r in records])
+                            "correct": verdict is True, "timed_out": verdict is None, "completion": text,
+                            "tokens": len(out), "truncated": not (out and out[-1] in eos)})
+    result = summarize_groups(verdicts, predictions)
     result["gen_tokens_per_s"] = n_tokens / (time.perf_counter() - start)
     return result, records
 
 
-def grade(completion: str, answer: str) -> tuple[str | None, bool]:
-    """(the completion's answer: its last \\boxed{}, or None; whether it matches the reference answer)."""
-    pred = extract_boxed(completion)
-    return pred, answers_match(pred, answer)
-
-
 def summarize(correct: np.ndarray, predictions: list[str | None]) -> dict:
-    """avg@k and pass@k of a (problems, k) boolean matrix, plus the share of completions with a boxed answer."""
+    """avg@k, pass@k and maj@k of a (problems, k) boolean matrix and its row-major predictions (see
+    summarize_groups)."""
     k = correct.shape[1]
-    return {f"avg@{k}": float(correct.mean()), f"pass@{k}": float(correct.any(1).mean()),
-            "problems": int(correct.shape[0]),
-            "boxed_rate": float(np.mean([p is not None for p in predictions])) if predictions else 0.0}
+    return summarize_groups([list(map(bool, row)) for row in correct],
+                            [predictions[p * k:(p + 1) * k] for p in range(correct.shape[0])])
+
+
+def majority_index(predictions: list[str | None]) -> int | None:
+    """The sample whose answer is the most common among a problem's samples (answers compared in normal form,
+    data/answers.normalize_answer; ties go to the answer seen first); None when no sample has an answer."""
+    keys = [normalize_answer(p) if p is not None else None for p in predictions]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+
+
+def summarize_groups(verdicts: list[list[bool | None]], predictions: list[list[str | None]]) -> dict:
+    """Per problem, its samples' verdicts (True / False / None for a check that timed out, counted as wrong) and
+    extracted answers. avg@k = mean share of correct samples (the DFT paper's avg@16); pass@k = share of problems
+    with a correct sample; maj@k = share of problems whose most common answer is correct (self-consistency).
+    k is the samples per problem; with unequal numbers the keys say @n."""
+    sizes = {len(v) for v in verdicts}
+    k = sizes.pop() if len(sizes) == 1 else "n"
+    majority = [majority_index(p) for p in predictions]
+    flat = [p for ps in predictions for p in ps]
+    return {f"avg@{k}": float(np.mean([np.mean([v is True for v in vs]) for vs in verdicts])),
+            f"pass@{k}": float(np.mean([any(v is True for v in vs) for vs in verdicts])),
+            f"maj@{k}": float(np.mean([m is not None and vs[m] is True for vs, m in zip(verdicts, majority)])),
+            "problems": len(verdicts), "samples": len(flat),
+            "boxed_rate": float(np.mean([p is not None for p in flat])) if flat else 0.0,
+            "timed_out": sum(v is None for vs in verdicts for v in vs)}
+
+
+def score_completions(args) -> tuple[dict, list[dict]]:
+    """--completions FILE.jsonl: grade completions produced elsewhere, with no model. Each row carries its reference
+    answer as the data layouts do ('answer', GSM8K's '... #### N', or a solution with a \\boxed{}) and 'completion':
+    a string or a list of strings."""
+    path = Path(args.completions)
+    if not path.is_file():
+        raise UserError(f"--completions {path} does not exist.")
+    verdicts, predictions, records = [], [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not valid JSON ({e}).") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n}: a row must be a JSON object.")
+        completions = row.get("completion")
+        completions = [completions] if isinstance(completions, str) else completions
+        if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
+            raise UserError(f"{path} line {n}: 'completion' must be a string or a non-empty list of strings.")
+        ref = reference_answer({k: v for k, v in row.items() if k != "completion"})
+        if ref is None:
+            raise UserError(f"{path} line {n}: no reference answer ('answer', '#### N' or a \\boxed{{}} in "
+                            "'solution'); add one.")
+        verdicts.append([])
+        predictions.append([])
+        for sample, text in enumerate(completions):
+            pred, verdict = grade(text, ref, args.answer_timeout)
+            verdicts[-1].append(verdict)
+            predictions[-1].append(pred)
+            records.append({"line": n, "problem": len(verdicts) - 1, "sample": sample, "answer": ref,
+                            "prediction": pred, "correct": verdict is True, "timed_out": verdict is None})
+    if not verdicts:
+        raise UserError(f"--completions {path} holds no rows.")
+    return summarize_groups(verdicts, predictions), records
 
 
 # ---- per-token metrics ------------------------------------------------------------------------------------------
@@ -309,8 +361,11 @@ def plot_token_probs(results: dict[str, dict], path: Path) -> bool:
 def build_parser() -> Parser:
     ap = Parser(description=__doc__)
     ap.add_argument("--metric", choices=METRICS, default="accuracy", help="what to measure, see above")
-    ap.add_argument("--model", action="append", required=True,
-                    help="checkpoint dir, hub id or 'lab' (the lab's base model); repeat to compare")
+    ap.add_argument("--model", action="append", default=None,
+                    help="checkpoint dir, hub id or 'lab' (the lab's base model); repeat to compare (not with "
+                    "--completions)")
+    ap.add_argument("--completions", default=None, help="accuracy without a model: a JSONL file of "
+                    "rows with a reference answer and a 'completion' string or list of strings, produced elsewhere")
     ap.add_argument("--data", default=DEFAULT_DATA, help="dataset spec (file, directory, hub id, lab[:split][:layout]); "
                     "the default lab:test is read as lab:test:preference / lab:test:prompt by those metrics")
     ap.add_argument("--split", default="test", help="split of a directory or hub --data")
@@ -321,7 +376,12 @@ def build_parser() -> Parser:
     ap.add_argument("--keep-ties", action="store_true",
                     help="preference: keep pairs whose score_chosen == score_rejected (default: drop them)")
     g = ap.add_argument_group("generation (accuracy)")
-    g.add_argument("--k", type=POSITIVE_INT, default=4, help="samples per problem (avg@k, pass@k)")
+    g.add_argument("--k", type=POSITIVE_INT, default=4, help="samples per problem (avg@k, pass@k, maj@k)")
+    g.add_argument("--instruction", default="Please reason step by step, and put your final answer within \\boxed{}.",
+                   help="appended to each question of non-lab data (default: Qwen2.5-Math's step-by-step "
+                   "instruction; '' for none)")
+    g.add_argument("--answer-timeout", type=POSITIVE_FLOAT, default=DEFAULT_TIMEOUT_S,
+                   help="seconds per answer check; a check that runs out counts as wrong and is reported")
     g.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, help="0 = greedy")
     g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling: keep the top tokens holding this mass")
     g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="keep the k most likely tokens (0: all)")
@@ -344,10 +404,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check every flag and where the results go; refuses bad values before any model or data loads."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.completions and (args.model or args.metric != "accuracy"):
+        refuse(ap, "--completions", "grades completions made elsewhere: it goes with --metric accuracy and no --model.")
+    if not args.completions and not args.model:
+        refuse(ap, "--model", "give one (a checkpoint to evaluate) or, for accuracy, --completions FILE.jsonl.")
     if args.metric == "deviation" and not args.ref_model:
         refuse(ap, "--ref-model", "--metric deviation needs it (the model to measure the deviation from).")
     if args.out is None:
-        args.out = str(default_out(args.model, args.metric, args.data))
+        args.out = str(default_out(args.model or [args.completions], args.metric, args.data))
         problem = output_problem(args.out, want_dir=False)
         if problem:
             refuse(ap, "--out", f"the default results file cannot be written ({problem}); pass --out.")
@@ -387,6 +451,8 @@ def data_record(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.completions:
+        return run_completions(args)
     if args.data == DEFAULT_DATA and args.metric in LAB_LAYOUT_OF_METRIC:  # the lab split in this metric's layout
         args.data = f"{DEFAULT_DATA}:{LAB_LAYOUT_OF_METRIC[args.metric]}"
     device = args.device or default_device()
@@ -458,6 +524,23 @@ def run(args: argparse.Namespace) -> dict:
                 for r in records:
                     f.write(json.dumps({"model": name, **r}) + "\n")
         print(f"generations: {samples}")
+    return payload
+
+
+def run_completions(args: argparse.Namespace) -> dict:
+    if args.metric != "accuracy" or args.model:
+        raise UserError("--completions scores accuracy without a model: use it with --metric accuracy and no --model.")
+    result, records = score_completions(args)
+    print_table("accuracy", {args.completions: result})
+    out = Path(args.out or "eval_accuracy.json")
+    payload = {"metric": "accuracy", "completions": args.completions, "results": {args.completions: result}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    samples = Path(args.samples_out or out.with_name(out.stem + "_samples.jsonl"))
+    with open(samples, "w") as f:
+        for r in records:  # one row per completion, in input order
+            f.write(json.dumps(r) + "\n")
+    print(f"results: {out}\nper completion: {samples}")
     return payload
 
 

@@ -55,15 +55,23 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    num_samples: int = 1,
 ) -> list[list[int]]:
     """Complete each prompt (a list of token ids); returns the new tokens of each, ending with its eos if one came.
 
     One batch, left-padded. Positions count real tokens only (as the reference implementation's generate does), and
     padded keys are masked, so a row's tokens do not depend on the other rows. `on_token(next_ids)` is called once
     per step, e.g. to stream text.
+
+    num_samples > 1 (GRPO groups, avg@k): each prompt is prefilled once and its cache rows copied num_samples times
+    before decoding; the result lists prompt 0's samples, then prompt 1's, ... A completion was cut off by the
+    length limit exactly when it does not end with an eos id: callers tell truncation from the lengths, never by
+    looking for pad ids (Qwen2's pad and eos can be the same id).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if num_samples < 1:
+        raise ValueError("num_samples must be at least 1")
     device = next(model.parameters()).device
     B, prompt_len = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, prompt_len), pad_id, dtype=torch.long, device=device)
@@ -76,6 +84,11 @@ def generate(
     cache = KVCache(model.config, B, prompt_len + max_new_tokens, model.lm_head.weight.dtype, device)
     logits = model(ids, position_ids=positions, attention_mask=key_mask[:, :prompt_len] if padded else None,
                    cache=cache, last_only=True)[:, -1]  # (B, V)
+    if num_samples > 1:  # one prefill per prompt, then each prompt's row is copied into its samples' rows
+        rows = torch.arange(B, device=device).repeat_interleave(num_samples)  # (B * num_samples,)
+        cache.reorder(rows)
+        logits, key_mask, positions = logits[rows], key_mask[rows], positions[rows]
+        B = B * num_samples
 
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
@@ -96,7 +109,7 @@ def generate(
                        attention_mask=key_mask[:, :end] if padded else None)[:, -1]
         next_pos = next_pos + 1
 
-    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]  # (B, steps)
+    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]  # (B, steps)
     results = []
     eos_set = set(eos_ids)
     for row in tokens:
@@ -201,10 +214,9 @@ def run(args: argparse.Namespace) -> None:
             prompts.append(tok.encode(row["prompt"]))
     if args.chat or any("messages" in r for r in rows):
         eos = sorted(set(eos) | {tok.im_end_id})  # a chat turn ends at <|im_end|>, base models included
-    prompts = [p for p in prompts for _ in range(args.num_samples)]
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = len(prompts) == 1
+    stream = len(prompts) == 1 and args.num_samples == 1
     streamed: list[int] = []
     printed = 0
 
@@ -218,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p,
-                       tok.pad_token_id, generator, on_token if stream else None)
+                       tok.pad_token_id, generator, on_token if stream else None, num_samples=args.num_samples)
     seconds = time.perf_counter() - start
     if stream:
         print()

@@ -34,16 +34,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range,
-                 device_name, model_spec, output_dir, output_problem, refuse)
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser,
+                 Range, device_name, model_spec, output_dir, output_problem, refuse)
+from data.answers import check_answer, extract_answer, grade, prompt_and_answer, prompt_turns, reference_answer
 from data.collate import BatchSampler, collate, pack_rows
-from data.datasets import load_rows, split_holdout, tokenize_rows
+from data.datasets import Example, load_rows, split_holdout, tokenize_rows
 from data.lab import is_lab_spec
 from data.preference import SPANS, collate_pairs, flatten, tokenize_preference_rows
+from data.rewards import REWARD_OPTIONS, Completion, build_rewards
+from data.rewards import score as score_rewards
 from data.tokenizer import load_tokenizer
-from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
+from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
+from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS, group_advantages
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
-from eval import grade, prompt_and_answer
 from model import UserError, default_device, load_model, recover_interrupted_saves, save_model
 from sample import generate, generation_eos_ids
 
@@ -54,7 +57,9 @@ def build_parser() -> Parser:
     ap = Parser(description=__doc__)
     g = ap.add_argument_group("objective")
     g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
-    g.add_argument("--beta", type=POSITIVE_FLOAT, default=None, help="beta of " + loss_defaults("beta"))
+    g.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="beta of " + loss_defaults("beta") + "; grpo's KL coefficient may be 0 (no reference model "
+                   "is loaded), every other objective's must be > 0")
     g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
                    help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
     g.add_argument("--length-normalized-ratio", action="store_true",
@@ -74,6 +79,41 @@ def build_parser() -> Parser:
                    "prompt included (paper 000's Eq. 3; the prompt terms cancel, see losses/dpo.py)")
     g.add_argument("--keep-ties", action="store_true",
                    help="dpo/minor_dpo: keep pairs whose score_chosen == score_rejected (default: drop and count)")
+
+    g = ap.add_argument_group("rollouts and rewards (--loss grpo; see losses/grpo.py, data/rewards.py)")
+    g.add_argument("--num-generations", type=Range(int, low=2), default=8, help="completions sampled per prompt, G (>= 2; "
+                   "default 8). A step has --batch-size x --grad-accum prompts, a micro-batch --batch-size of them")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
+                   help="longest completion in tokens (>= 1; default 512, lab 96)")
+    g.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="sampling temperature (> 0; default 1.0)")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling mass (0 < p <= 1; default 1: off)")
+    g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="sample among the k most likely tokens (>= 0; default 0: off)")
+    g.add_argument("--mu", type=POSITIVE_INT, default=1, help="optimizer steps per rollout batch (>= 1; default 1); with "
+                   "mu > 1 the old log-probs are computed once, before the batch's first update")
+    g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
+                   help="group baseline: grpo (r - mean) / std, rloo leave-one-out mean, mean (Dr. GRPO); default grpo")
+    g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token", help="token: mean over the step's "
+                   "completion tokens (DAPO, default); sequence: per-completion mean, then mean (GRPO paper); "
+                   "constant: token sum / --max-new-tokens, mean over completions (Dr. GRPO)")
+    g.add_argument("--clip-eps-low", type=Range(float, low=0, high=1, high_open=True), default=0.2, help="ratio clipped below at 1 - eps (0 <= eps < 1; "
+                   "default 0.2)")
+    g.add_argument("--clip-eps-high", type=NON_NEGATIVE_FLOAT, default=0.2, help="ratio clipped above at 1 + eps (>= 0; default "
+                   "0.2; DAPO's clip-higher uses 0.28)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
+    g.add_argument("--skip-zero-variance", action="store_true",
+                   help="leave groups whose rewards are all equal out of the loss and its denominator")
+    g.add_argument("--reward", action="append", default=None, metavar="NAME[:W] | FILE.py:FN[:W]",
+                   help="a reward and its weight, repeatable: accuracy, format, length, language, or a function "
+                   "from a file (default: accuracy)")
+    g.add_argument("--format-pattern", default=None, help="format reward: a regex the completion must contain "
+                   "(default: a closed \\boxed{})")
+    g.add_argument("--length-target", type=NON_NEGATIVE_INT, default=256, help="length reward: tokens allowed before the "
+                   "penalty starts (>= 0; default 256)")
+    g.add_argument("--length-coef", type=NON_NEGATIVE_FLOAT, default=0.001,
+                   help="length reward: lambda of -lambda max(0, len - target)^2 (>= 0; default 0.001, paper 004)")
+    g.add_argument("--answer-timeout", type=POSITIVE_FLOAT, default=5.0,
+                   help="seconds allowed per answer check before the reward is None (> 0; default 5)")
 
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
@@ -146,6 +186,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     apply_defaults(args)
     if args.loss in PREFERENCE_LOSSES:
         check_preference_flags(ap, args)
+    if args.loss in ONLINE:
+        check_rollout_flags(ap, args)
+    elif args.beta == 0:
+        refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
     if args.min_lr > args.lr:
         refuse(ap, "--min-lr", f"{args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from --lr down to it.")
     problem = output_problem(args.out, want_dir=True)
@@ -173,6 +217,11 @@ DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "ma
             "eval_fraction": 0.0, "eval_every": 0}
 LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
                 "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50, "report_problems": 50}
+# Online objectives (grpo) override these: prompts per micro-batch, completion length, a smaller learning rate, and on
+# the lab a short run that evaluates greedy accuracy on held-out prompts every 10 steps (and before the first step).
+ONLINE_DEFAULTS = {"lr": 1e-6, "warmup_ratio": 0.0, "batch_size": 4, "max_new_tokens": 512, "max_len": 2048}
+LAB_ONLINE_DEFAULTS = {"lr": 3e-4, "warmup_ratio": 0.0, "max_steps": 40, "batch_size": 8, "max_new_tokens": 96,
+                       "eval_data": "lab:test:prompt", "eval_every": 10}
 
 
 def document_job_defaults(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +240,9 @@ def document_job_defaults(parser: argparse.ArgumentParser) -> None:
             text = f"{other}"
         else:
             text = f"{lab} on the lab, {other} otherwise"
+        online = LAB_ONLINE_DEFAULTS.get(action.dest)
+        if online is not None and online != lab:
+            text += f"; grpo: {online} on the lab, {ONLINE_DEFAULTS.get(action.dest, other)} otherwise"
         action.help = f"{action.help} (default: {text})"
 
 
@@ -200,7 +252,10 @@ def apply_defaults(args: argparse.Namespace) -> None:
     lab = is_lab_spec(args.data)
     if args.loss in PREFERENCE_LOSSES and lab and args.eval_data is None:
         args.eval_data = "lab:test:preference"
-    for key, value in (LAB_DEFAULTS if lab else DEFAULTS).items():
+    table = LAB_DEFAULTS if lab else DEFAULTS
+    if args.loss in ONLINE:
+        table = {**table, **(LAB_ONLINE_DEFAULTS if lab else ONLINE_DEFAULTS)}
+    for key, value in table.items():
         if key == "max_steps" and args.epochs is not None:
             continue  # an explicit --epochs sets the budget
         if getattr(args, key, None) is None:
@@ -208,6 +263,10 @@ def apply_defaults(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS.items():  # flags the lab table leaves out
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = ONLINE_DEFAULTS["max_new_tokens"]
+    if args.reward is None:
+        args.reward = ["accuracy"]
     if args.out is None:
         args.out = f"runs/{args.loss}"
     args.model = model_spec(args.model)
@@ -286,7 +345,9 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: str
 def loss_hparams(args: argparse.Namespace) -> dict:
     """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
     flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
-             "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing}
+             "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
+             "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
+             "agg_constant": float(args.max_new_tokens)}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
 
 
@@ -413,6 +474,112 @@ def evaluate_pairs(model, pairs: list, pad_id: int, batch_size: int, device: str
     mean = nll / max(tokens, 1.0)
     return {"eval_nll": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens,
             "eval_preference_accuracy": correct / max(len(pairs), 1)}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts (online objectives, --loss grpo): a step's micro-batches made from sampled completions instead of the
+# dataset's replies. Everything after this block (forward, loss, backward, clip, step) is the same code for both.
+
+def check_rollout_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    if args.pack:
+        refuse(ap, "--pack", "does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
+
+
+def prompt_examples(rows, tok, max_len: int, source: str = "", *, max_new_tokens: int) -> tuple[list[Example], dict]:
+    """Each row's prompt turns, tokenized with the chat template up to the assistant header, as an Example with no
+    trained token (only its length and row index are used). Prompts with no room for --max-new-tokens within
+    --max-len are dropped and counted."""
+    examples, too_long = [], 0
+    for index, row in enumerate(rows):
+        where = rows.where(index) if hasattr(rows, "where") else f"{source} row {index + 1}"
+        ids = tok.encode_prompt(prompt_turns(row, where))
+        if len(ids) + max_new_tokens > max_len:
+            too_long += 1
+            continue
+        examples.append(Example(input_ids=ids, loss_mask=[0] * len(ids), index=index))
+    return examples, {"rows": len(rows), "truncated": too_long, "dropped_empty": 0}
+
+
+@torch.no_grad()
+def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], rows, tok, rewards, eos: list[int],
+                 args, device: str, precision: Precision, generator: torch.Generator) -> tuple[list[dict], dict]:
+    """P prompts -> P x G completions -> rewards -> group advantages -> collated micro-batches of --batch-size
+    prompts (x G completions), with each completion's advantage and keep flag, and, where needed, the old policy's
+    (mu > 1) and the reference's (beta > 0) log-probs. Returns (micro-batches, metrics of the rollout)."""
+    t0 = time.perf_counter()
+    G, chosen = args.num_generations, [prompts[i] for i in step_ids]
+    completions = generate(model, [e.input_ids for e in chosen], args.max_new_tokens, eos, args.temperature,
+                           args.top_k, args.top_p, tok.pad_token_id, generator, num_samples=G)
+    t1 = time.perf_counter()
+    # Lengths decide everything: a completion is truncated iff it does not end with an eos id; its trained tokens
+    # are exactly the generated ones (never found by comparing ids with the pad id, which may equal eos).
+    eos_set = set(eos)
+    truncated = [not (c and c[-1] in eos_set) for c in completions]
+    texts = [Completion(tok.decode(c, skip_special_tokens=True), len(c), t) for c, t in zip(completions, truncated)]
+    group_rows = [rows[e.index] for e in chosen for _ in range(G)]
+    totals, parts = score_rewards(rewards, texts, group_rows)
+    t2 = time.perf_counter()
+
+    table = torch.tensor([math.nan if r is None else r for r in totals]).view(len(chosen), G)  # (P, G)
+    advantages, zero_variance = group_advantages(table, args.advantage)  # (P, G), (P,)
+    keep = torch.ones(len(chosen), G)  # (P, G)
+    if args.mask_truncated:
+        keep[torch.tensor(truncated).view(len(chosen), G)] = 0.0
+    if args.skip_zero_variance:
+        keep[zero_variance] = 0.0
+    sequences = [Example(e.input_ids + c, [0] * len(e.input_ids) + [1] * len(c), index=k)
+                 for k, (e, c) in enumerate(zip((e for e in chosen for _ in range(G)), completions))]
+    per_batch = args.batch_size * G
+    batches = []
+    for s in range(0, len(sequences), per_batch):
+        batch = to_device(collate(sequences[s:s + per_batch], tok.pad_token_id), device)
+        batch["advantages"] = advantages.flatten()[s:s + per_batch].to(device)  # (N,) in sequence_ids order
+        batch["keep"] = keep.flatten()[s:s + per_batch].to(device)  # (N,)
+        with precision.autocast():
+            if args.mu > 1:  # pi_old: the policy before this rollout batch's first update
+                batch["old_logps"] = sequence_logprobs(model, batch, args.chunk_size).float()
+            if ref_model is not None:
+                batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
+        batches.append(batch)
+    t3 = time.perf_counter()
+
+    scored = [r for r in totals if r is not None]
+    lengths = [len(c) for c in completions]
+    row = {"reward": float(np.mean(scored)) if scored else math.nan,
+           "reward_std": float(np.nanmean(table.std(1, unbiased=False).numpy())) if scored else math.nan,
+           "zero_variance_groups": float(zero_variance.float().mean()), "unscored": len(totals) - len(scored),
+           "completion_len": float(np.mean(lengths)), "completion_len_max": max(lengths),
+           "truncated": float(np.mean(truncated)), "time_generate": t1 - t0, "time_score": t2 - t1,
+           "time_logprobs": t3 - t2}
+    for name, values in parts.items():
+        values = [v for v in values if v is not None]
+        row[f"reward_{name}"] = float(np.mean(values)) if values else math.nan
+    if "accuracy" in parts:
+        row["accuracy"] = row["reward_accuracy"]
+    return batches, row
+
+
+@torch.no_grad()
+def evaluate_rollouts(model, examples: list[Example], rows, tok, rewards, eos: list[int], args) -> dict:
+    """Held-out prompts, one greedy completion each: the mean total reward and, when every row has a reference
+    answer, the accuracy (data/answers.py, the checker of the accuracy reward)."""
+    model.eval()
+    texts, answers = [], []
+    for s in range(0, len(examples), 64):
+        chunk = examples[s:s + 64]
+        outs = generate(model, [e.input_ids for e in chunk], args.max_new_tokens, eos, temperature=0.0,
+                        pad_id=tok.pad_token_id)
+        texts += [Completion(tok.decode(o, skip_special_tokens=True), len(o), not (o and o[-1] in eos)) for o in outs]
+        answers += [reference_answer(rows[e.index]) for e in chunk]
+    model.train()
+    totals, _ = score_rewards(rewards, texts, [rows[e.index] for e in examples])
+    scored = [r for r in totals if r is not None]
+    out = {"eval_reward": float(np.mean(scored)) if scored else math.nan,
+           "eval_completion_len": float(np.mean([c.num_tokens for c in texts])), "eval_prompts": len(examples)}
+    if all(a is not None for a in answers):
+        out["eval_accuracy"] = float(np.mean([check_answer(extract_answer(t), a, args.answer_timeout) is True
+                                              for t, a in zip(texts, answers)]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,6 +780,9 @@ def main(argv: list[str] | None = None) -> None:
 def train(args: argparse.Namespace) -> dict:
     device = args.device or default_device()
     precision = Precision(device, args.dtype)
+    online = args.loss in ONLINE
+    if online:
+        rewards = build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS})
     out = Path(args.out)
     for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
         print(f"{out}: {done} (left by an interrupted checkpoint write)")
@@ -630,8 +800,19 @@ def train(args: argparse.Namespace) -> dict:
     model_source = str(resume_dir) if resume_dir else args.model
     model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
     tok = load_tokenizer(model_dir)
-    examples = load_examples(args, tok, args.data, args.data_split, report=True)
-    if args.eval_data:
+    rows = eval_rows = None
+    if online:  # online objectives train on the prompts only (up to the assistant header); rollouts complete them
+        rows = eval_rows = load_rows(args.data, args.data_split)
+        examples, stats = prompt_examples(rows, tok, args.max_len, source=args.data, max_new_tokens=args.max_new_tokens)
+        print(f"data: {stats['rows']} rows from {args.data}, {stats['truncated']} prompts dropped with no room for "
+              f"--max-new-tokens in --max-len {args.max_len}")
+    else:
+        examples = load_examples(args, tok, args.data, args.data_split, report=True)
+    if args.eval_data and online:
+        eval_rows = load_rows(args.eval_data, args.eval_split)
+        eval_examples, _ = prompt_examples(eval_rows, tok, args.max_len, source=args.eval_data,
+                                           max_new_tokens=args.max_new_tokens)
+    elif args.eval_data:
         eval_examples = load_examples(args, tok, args.eval_data, args.eval_split)
     elif args.eval_fraction > 0:
         examples, eval_examples = split_holdout(examples, args.eval_fraction, args.seed)
@@ -641,12 +822,18 @@ def train(args: argparse.Namespace) -> dict:
         examples, eval_examples = examples[:args.max_examples], eval_examples[:args.max_examples]
     if not examples:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
+    if online and "accuracy" in args.reward:
+        for e in examples:
+            if reference_answer(rows[e.index]) is None:
+                where = rows.where(e.index) if hasattr(rows, "where") else f"row {e.index + 1}"
+                raise UserError(f"{where}: the accuracy reward needs a reference answer ('answer', a boxed solution "
+                                "or GSM8K's '#### N'); this row has none.")
 
     step_examples = args.batch_size * args.grad_accum
     preference = args.loss in PREFERENCE_LOSSES  # pairs are packed inside each micro-batch, never across (collate_step)
     sampler = BatchSampler(examples, step_examples, seed=args.seed,
                            pack_len=args.max_len if args.pack and not preference else None)
-    steps_per_epoch = len(sampler.epoch_batches(0))
+    steps_per_epoch = len(sampler.epoch_batches(0)) * (args.mu if online else 1)  # mu updates per rollout batch
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
 
@@ -658,6 +845,10 @@ def train(args: argparse.Namespace) -> dict:
         ref_spec = args.ref_model or args.model
         ref_examples = flatten(examples) if preference else examples
         ref_model, ref_table = load_or_compute_reference(args, ref_spec, ref_examples, tok, device, precision)
+    elif online and hparams.get("beta", 0.0) > 0:  # new completions every step: the reference runs live
+        ref_model = load_model(args.ref_model or args.model, torch.float32, device)[0].requires_grad_(False)
+    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})  # a chat turn ends at <|im_end|>
+    rollout: list[dict] | None = None  # the current rollout batch, reused for --mu steps
 
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
@@ -673,6 +864,7 @@ def train(args: argparse.Namespace) -> dict:
         if precision.scaler and state.get("scaler"):
             precision.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        rollout = state.get("rollout")
         print(f"resumed from {resume_dir} at step {step}")
         truncate_metrics(out / "metrics.jsonl", step)
     elif args.resume == "auto":
@@ -683,7 +875,8 @@ def train(args: argparse.Namespace) -> dict:
     problems = report_problems(args)
     before_file = out / "summary_before.json"  # kept across a resume: "before" is the run's starting model
     if resume_dir is None:
-        before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision)
+        before = measure(model, tok, model_dir, [] if online else eval_examples, problems, evaluate_fn, args, device,
+                         precision)
         before_file.write_text(json.dumps(before) + "\n")
     before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
@@ -697,31 +890,56 @@ def train(args: argparse.Namespace) -> dict:
         return {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "cursor": cursor,
                 "bad_streak": bad_streak, "skipped": skipped, "best_eval": best_eval,
                 "evals_since_best": evals_since_best, "rng": rng_state(),
-                "scaler": precision.scaler.state_dict() if precision.scaler else None}
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "rollout": rollout if online and step % args.mu else None}
 
     def log(row: dict) -> None:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+
+    def run_eval() -> dict:
+        if online:
+            return evaluate_rollouts(model, eval_examples, eval_rows, tok, rewards, eos, args)
+        return evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+
+    def eval_loss(ev: dict) -> float:  # lower is better, for --patience
+        if preference:  # the held-out preference error
+            return 1.0 - ev["eval_preference_accuracy"]
+        return ev["eval_nll"] if "eval_nll" in ev else -ev.get("eval_accuracy", ev["eval_reward"])
+
+    if online and eval_examples and args.eval_every and step == 0:  # where the policy starts
+        log({"step": 0, "eval": True, **run_eval()})
 
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     batches = sampler.epoch_batches(epoch)
     last_row: dict = {}
     stop_reason = "reached --max-steps" if args.max_steps else "finished the epochs"
     while step < total_steps:
-        if cursor >= len(batches):
-            epoch, cursor = epoch + 1, 0
-            batches = sampler.epoch_batches(epoch)
-        step_batch = batches[cursor]
-        cursor += 1
         t0 = time.perf_counter()
         lr = lr_at(step, args, total_steps, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        rollout_row: dict = {}
+        if online and rollout is not None and step % args.mu != 0:
+            batches_mb = rollout  # update 2..mu on the same rollout batch (old log-probs computed before update 1)
+        else:
+            if cursor >= len(batches):
+                epoch, cursor = epoch + 1, 0
+                batches = sampler.epoch_batches(epoch)
+            step_batch = batches[cursor]
+            cursor += 1
+            if online:  # ---- rollouts: sampled completions of this step's prompts, scored, as micro-batches ----
+                generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+                rollout, rollout_row = make_rollout(model, ref_model, step_batch, examples, rows, tok, rewards, eos,
+                                                    args, device, precision, generator)
+                batches_mb = rollout
+            else:
+                sampler_pack_len = args.max_len if args.pack and not preference else None
+                batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
+                              for micro in micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)]
+        t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
-        sampler_pack_len = args.max_len if args.pack and not preference else None
-        batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
-                      for micro in micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)]
         # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step), so gradient
         # magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients in range.
         step_tokens = max(1.0, float(sum(b["loss_mask"].sum() for b in batches_mb)))
@@ -730,8 +948,12 @@ def train(args: argparse.Namespace) -> dict:
         for batch in batches_mb:
             batch = to_device(batch, device)
             with precision.autocast():
-                logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
-                if ref_model is not None:
+                if online:  # the policy's entropy on the completions is logged (no gradient flows through it)
+                    logps, entropy = sequence_logprobs(model, batch, args.chunk_size, with_entropy=True)  # (B, T)
+                    batch["entropy"] = entropy.detach().float()
+                else:
+                    logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
+                if ref_model is not None and not online:
                     with torch.no_grad():
                         batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
                 result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
@@ -771,7 +993,9 @@ def train(args: argparse.Namespace) -> dict:
 
         row = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "epoch": epoch,
                "tokens": n_tokens, "trained_tokens": n_trained, "tokens_per_s": n_tokens / dt, "step_time": dt,
-               **{name: s / max(c, 1e-12) for name, (s, c) in metric_sums.items()}}
+               **{name: s / max(c, 1e-12) for name, (s, c) in metric_sums.items()}, **rollout_row}
+        if online:
+            row["time_train"] = time.perf_counter() - t_train
         if not finite:
             row["skipped"] = True
         if precision.scaler:
@@ -780,10 +1004,12 @@ def train(args: argparse.Namespace) -> dict:
         last_row = row
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", nll=f"{row.get('nll', loss):.4f}", gnorm=f"{grad_norm:.3f}",
-                        lr=f"{lr:.2e}")
+                        lr=f"{lr:.2e}", **({"reward": f"{row['reward']:.3f}"} if "reward" in row else {}))
         if args.no_progress:
             nll = f" nll {row['nll']:.4f}" if "nll" in row and args.loss != "sft" else ""
-            print(f"step {step}/{total_steps} loss {loss:.4f}{nll} grad_norm {grad_norm:.3f} lr {lr:.2e} "
+            reward = (f" reward {row['reward']:.3f} len {row['completion_len']:.0f} kl {row.get('kl', 0.0):.4f}"
+                      if "reward" in row else "")
+            print(f"step {step}/{total_steps} loss {loss:.4f}{nll}{reward} grad_norm {grad_norm:.3f} lr {lr:.2e} "
                   f"{row['tokens_per_s']:.0f} tok/s", flush=True)
         if bad_streak >= args.max_bad_steps:
             stop_reason = f"{bad_streak} non-finite steps in a row"
@@ -792,15 +1018,11 @@ def train(args: argparse.Namespace) -> dict:
             break
 
         if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            ev = (evaluate_pairs if preference else evaluate)(model, eval_examples, tok.pad_token_id,
-                                                               args.batch_size, device, precision, args.chunk_size)
+            ev = run_eval()
             log({"step": step, "eval": True, **ev})
-            # Early stopping watches the held-out NLL, or for preference runs the held-out preference error.
-            score = 1.0 - ev["eval_preference_accuracy"] if preference else ev["eval_nll"]
-            tqdm.write(f"eval at step {step}: nll {ev['eval_nll']:.4f}"
-                       + (f", preference accuracy {ev['eval_preference_accuracy']:.3f}" if preference else ""))
-            if score < best_eval:
-                best_eval, evals_since_best = score, 0
+            tqdm.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            if eval_loss(ev) < best_eval:
+                best_eval, evals_since_best = eval_loss(ev), 0
             else:
                 evals_since_best += 1
             if args.patience and evals_since_best >= args.patience:
@@ -813,13 +1035,14 @@ def train(args: argparse.Namespace) -> dict:
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
     if eval_examples:
-        ev = evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
+        ev = run_eval()
         log({"step": step, "eval": True, **ev})
         summary.update(ev)
     save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final
     metrics_file.close()
     print(f"done ({stop_reason}): {step} steps, {skipped} skipped, final loss {last_row.get('loss', float('nan')):.4f}"
-          + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if eval_examples else "")
+          + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if "eval_nll" in summary else "")
+          + (f", eval accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "")
           + f"; checkpoint in {out / 'final'}")
     after = {k: summary[k] for k in ("eval_nll", "eval_preference_accuracy") if k in summary}
     if problems:

@@ -44,7 +44,7 @@ What the reader should know:
    chat row is about 80 tokens.
 4. The system prompt is LAB_SYSTEM, written into every chat row and also the default of the lab tokenizer's chat
    template, so a chat without a system turn renders the same.
-5. `extract_boxed` and `answers_match` are the general answer checkers that eval uses for MATH-500 and GSM8K too.
+5. `extract_boxed` and `answers_match` are re-exported from data/answers.py, the one answer checker of the project.
 """
 
 from __future__ import annotations
@@ -53,10 +53,8 @@ import argparse
 import functools
 import json
 import random
-import re
 import sys
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,6 +62,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
+from data.answers import answers_match, extract_boxed, normalize_answer  # noqa: F401 (re-exported)
 from data.tokenizer import QWEN2_PATTERN, ChatTokenizer, _atomic_write, load_tokenizer
 
 # Qwen2's pre-tokenizer splits every digit; the lab's keeps a number (with its leading space) in one piece, so the
@@ -471,90 +470,8 @@ def chatml_transcript(problem: Problem) -> str:
             f"<|im_start|>assistant\n{problem.solution}")
 
 
-# ----- answer checking (also used for MATH-500 and GSM8K) -----
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...}, nested braces kept (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}).
-
-    None when there is no \\boxed{ or the last one never closes (e.g. a generation cut off mid-answer): the
-    model's final answer is then unknown, and an earlier box is not it. Escaped braces (\\{ \\}) do not count.
-    """
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, i = 1, starts[-1]
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[starts[-1]:i].strip()
-        i += 1
-    return None
-
-
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
-_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\%", "%", "\\$", "$")
-
-
-def normalize_answer(answer: str) -> str:
-    """A light canonical form: no spaces, $, \\text{} wrappers, trailing '.', thousands commas or 'x =' prefix."""
-    s = answer.strip()
-    for token in _DROPPED:
-        s = s.replace(token, "")
-    previous = None
-    while previous != s:  # unwrap nested \text{\textbf{...}} from the inside out
-        previous, s = s, _TEXT_WRAPPER.sub(r"\1", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    variable = re.fullmatch(r"[A-Za-z]=(.+)", s)
-    if variable:
-        s = variable.group(1)
-    if _THOUSANDS.match(s):
-        s = s.replace(",", "")
-    return s
-
-
-def _as_number(s: str) -> Fraction | None:
-    frac = _FRAC.match(s)
-    if frac:
-        sign, numerator, denominator = frac.groups()
-        if int(denominator) == 0:
-            return None
-        value = Fraction(int(numerator), int(denominator))
-        return -value if sign else value
-    try:
-        return Fraction(s)  # ints, decimals ("14.0"), "1/2", "1e3"
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def answers_match(pred: str | None, ref: str) -> bool:
-    """Whether a predicted answer equals the reference: exactly as numbers when both parse, else as normalised text.
-
-    `pred` may be a whole completion: if it holds a \\boxed{}, its last box is the prediction.
-    """
-    if pred is None:
-        return False
-    if _BOXED.search(pred):
-        pred = extract_boxed(pred)
-        if pred is None:
-            return False
-    a, b = normalize_answer(pred), normalize_answer(ref)
-    number_a, number_b = _as_number(a), _as_number(b)
-    if number_a is not None and number_b is not None:
-        return number_a == number_b
-    return a == b
+# Answer checking lives in data/answers.py (one checker for eval, rewards and rejection sampling); the names
+# stay importable from here.
 
 
 # ----- the lab tokenizer -----

@@ -21,6 +21,7 @@ from losses.common import SFT_NORMS, LossOutput
 from losses.dft import dft_loss
 from losses.dpo import DPO_VARIANTS, dpo_loss
 from losses.minor_dpo import minor_dpo_loss
+from losses.grpo import grpo_loss
 from losses.minor_sft import minor_sft_loss
 from losses.sft import sft_loss
 from losses.sft_dpo import sft_dpo_loss
@@ -32,14 +33,20 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sft_dpo": sft_dpo_loss,
     "dpo": dpo_loss,
     "minor_dpo": minor_dpo_loss,
+    "grpo": grpo_loss,
 }
 
-# Objectives whose batch must carry `ref_logps` from a frozen reference model.
+# Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
+# and its batches are new completions each step, so train.py's rollout block computes them live.)
 NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
 
 # Objectives trained on preference pairs: each batch holds the chosen and rejected sequences of its pairs, and
 # `batch["chosen_seq"]`, `batch["rejected_seq"]` (P,) say which is which (losses/common.py, data/preference.py).
 PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
+
+# Objectives trained on completions sampled from the policy during training (train.py's rollout block), not on the
+# dataset's replies.
+ONLINE: set[str] = {"grpo"}
 
 
 def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -48,4 +55,5 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "PREFERENCE_LOSSES", "LossOutput", "SFT_NORMS", "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "LossOutput", "SFT_NORMS",
+           "hparams_for"]

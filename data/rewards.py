@@ -1,0 +1,214 @@
+"""Rule-based rewards for GRPO: plain functions a user can read, replace, or add from a file of their own.
+
+Contract, one line: `reward(completions, rows) -> list[float | None]`, one value per completion. `completions[i]` is
+the decoded text of completion i (a `Completion`, i.e. a str that also carries `num_tokens` and `truncated` when it
+comes from rollouts) and `rows[i]` the data row of its prompt (completions of one prompt share the row). None means
+"cannot be scored" (e.g. the answer check ran out of time): that completion gets zero advantage and is counted, it is
+never silently a 0. Extra settings are keyword-only parameters, filled from the command line by name (see
+`REWARD_OPTIONS`), as losses take their hparams.
+
+    accuracy   1 if the completion's answer (last \\boxed{}, else '#### N') equals the row's reference answer, checked
+               by data/answers.py (math-verify); 0 if not; None if the check timed out. (DeepSeek-R1's accuracy
+               reward, surveyed in the DeepSeek-R1 safety paper, paper 002 of the project.)
+    format     1 if the completion has a closed \\boxed{}; with `format_pattern`, 1 if that regular expression
+               matches (re.search, DOTALL: '.' spans lines; anchor with ^...$ for the whole completion), e.g.
+               '^<think>.*</think>.*\\\\boxed\\{' . (DeepSeek-R1's format reward.)
+    length     -length_coef * max(0, len - length_target)^2 with len in tokens (characters for plain strings):
+               the length penalty of "Leveraging RL to Improve LLM Response Generation" (paper 004), Eq. 3,
+               per completion.
+    language   the share of the completion's words written in the script of the prompt's last user turn
+               (Latin, CJK, Cyrillic, ...; LaTeX commands and digits are not words); None when that prompt has no
+               letters to tell. A script share, not a language detector: English and French both count as Latin.
+               (DeepSeek-R1's language-consistency reward.)
+
+Combined from the command line: `--reward accuracy --reward format:0.1` gives 1.0 * accuracy + 0.1 * format per
+completion (None if any part is None); `--reward my_rewards.py:brevity:0.5` loads `brevity` from that file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from data.answers import DEFAULT_TIMEOUT_S, _BOXED, extract_boxed, grade, reference_answer
+from model.errors import UserError
+
+RewardFn = Callable[..., list]
+
+
+class Completion(str):
+    """A completion's text that also knows its token count and whether generation stopped at the length limit."""
+
+    num_tokens: int
+    truncated: bool
+
+    def __new__(cls, text: str, num_tokens: int, truncated: bool = False) -> "Completion":
+        obj = super().__new__(cls, text)
+        obj.num_tokens, obj.truncated = num_tokens, truncated
+        return obj
+
+
+def accuracy(completions: Sequence[str], rows: Sequence[Mapping], *, answer_timeout: float = DEFAULT_TIMEOUT_S
+             ) -> list[float | None]:
+    out: list[float | None] = []
+    for completion, row in zip(completions, rows):
+        ref = reference_answer(row)
+        if ref is None:
+            raise UserError(f"the accuracy reward needs a reference answer, and row {row.get('id', '?')!r} has none "
+                            "(give rows an 'answer' field).")
+        _, verdict = grade(completion, ref, answer_timeout)
+        out.append(None if verdict is None else float(verdict))
+    return out
+
+
+def format_reward(completions: Sequence[str], rows: Sequence[Mapping], *, format_pattern: str | None = None
+                  ) -> list[float | None]:
+    if format_pattern is None:
+        return [float(_BOXED.search(c) is not None and extract_boxed(c) is not None) for c in completions]
+    pattern = re.compile(format_pattern, re.DOTALL)
+    return [float(pattern.search(c) is not None) for c in completions]
+
+
+def length_penalty(completions: Sequence[str], rows: Sequence[Mapping], *, length_target: int = 256,
+                   length_coef: float = 0.001) -> list[float | None]:
+    lengths = [getattr(c, "num_tokens", len(c)) for c in completions]
+    return [-length_coef * max(0, n - length_target) ** 2 for n in lengths]
+
+
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[^\W\d_]+")
+_SCRIPT_ALIASES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "HANGUL"}
+
+
+def script_of(char: str) -> str:
+    """The writing system of a letter, from its Unicode name: LATIN, CJK (incl. kana), CYRILLIC, ARABIC, ..."""
+    first = unicodedata.name(char, "UNKNOWN").split()[0]
+    return _SCRIPT_ALIASES.get(first, first)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(_LATEX_COMMAND.sub(" ", text))
+
+
+def _prompt_text(row: Mapping) -> str:
+    prompt = row.get("prompt", row.get("question", row.get("problem", "")))
+    if isinstance(prompt, list):  # chat turns: the last user turn is what the user wrote
+        users = [m.get("content", "") for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return prompt if isinstance(prompt, str) else ""
+
+
+def language(completions: Sequence[str], rows: Sequence[Mapping]) -> list[float | None]:
+    out: list[float | None] = []
+    for completion, row in zip(completions, rows):
+        letters = [script_of(ch) for word in _words(_prompt_text(row)) for ch in word]
+        if not letters:
+            out.append(None)
+            continue
+        target = max(set(letters), key=letters.count)
+        words = _words(completion)
+        out.append(sum(script_of(w[0]) == target for w in words) / len(words) if words else 0.0)
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy,
+    "format": format_reward,
+    "length": length_penalty,
+    "language": language,
+}
+
+# The command-line settings a reward function may take as keyword-only parameters (a user's function too).
+REWARD_OPTIONS = ("answer_timeout", "format_pattern", "length_target", "length_coef")
+
+
+@dataclass
+class Reward:
+    name: str  # as written on the command line, without the weight
+    fn: RewardFn
+    weight: float
+    options: dict[str, Any]
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str | None, float]:
+    """`name[:weight]` or `file.py:function[:weight]` -> (name or file, function or None, weight)."""
+    parts = spec.split(":")
+    file_spec = parts[0].endswith(".py")
+    n_name = 2 if file_spec else 1
+    if not parts[0] or len(parts) > n_name + 1 or (file_spec and len(parts) < 2):
+        raise UserError(f"--reward {spec!r}: use NAME[:WEIGHT] (NAME one of {', '.join(REWARDS)}) or "
+                        "FILE.py:FUNCTION[:WEIGHT].")
+    weight = 1.0
+    if len(parts) == n_name + 1:
+        try:
+            weight = float(parts[-1])
+        except ValueError:
+            raise UserError(f"--reward {spec!r}: the weight {parts[-1]!r} is not a number.") from None
+        if not math.isfinite(weight):
+            raise UserError(f"--reward {spec!r}: the weight must be a finite number.")
+    return parts[0], (parts[1] if file_spec else None), weight
+
+
+def load_reward_function(path: str, name: str, spec: str) -> RewardFn:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--reward {spec!r}: {file} does not exist.")
+    module_spec = importlib.util.spec_from_file_location(f"user_rewards_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UserError(f"--reward {spec!r}: importing {file} failed ({type(exc).__name__}: {exc}).") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"--reward {spec!r}: {file} defines no function {name!r}.")
+    return fn
+
+
+def build_rewards(specs: Sequence[str], options: Mapping[str, Any]) -> list[Reward]:
+    """The weighted reward functions of the `--reward` flags, each bound to the options it accepts."""
+    rewards = []
+    for spec in specs:
+        head, fn_name, weight = parse_reward_spec(spec)
+        if fn_name is not None:
+            fn, name = load_reward_function(head, fn_name, spec), f"{Path(head).stem}.{fn_name}"
+        elif head in REWARDS:
+            fn, name = REWARDS[head], head
+        else:
+            raise UserError(f"--reward {spec!r}: unknown reward {head!r}; use one of {', '.join(REWARDS)} or "
+                            "FILE.py:FUNCTION.")
+        params = inspect.signature(fn).parameters
+        bound = {k: v for k, v in options.items() if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+        if name in (r.name for r in rewards):
+            raise UserError(f"--reward {spec!r}: {name} is given twice; give it once with its weight.")
+        rewards.append(Reward(name, fn, weight, bound))
+    if not rewards:
+        raise UserError("give at least one --reward (e.g. --reward accuracy).")
+    return rewards
+
+
+def score(rewards: Sequence[Reward], completions: Sequence[str], rows: Sequence[Mapping]
+          ) -> tuple[list[float | None], dict[str, list[float | None]]]:
+    """(total reward per completion, each function's raw values). A total is None when any part is None."""
+    parts: dict[str, list[float | None]] = {}
+    for reward in rewards:
+        values = reward.fn(list(completions), list(rows), **reward.options)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            raise UserError(f"reward {reward.name} returned {type(values).__name__} of length "
+                            f"{len(values) if hasattr(values, '__len__') else '?'}; it must return a list with one "
+                            f"float or None per completion ({len(completions)}).")
+        for v in values:
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise UserError(f"reward {reward.name} returned {v!r}; each value must be a finite number or None.")
+        parts[reward.name] = [None if v is None else float(v) for v in values]
+    totals: list[float | None] = []
+    for i in range(len(completions)):
+        values = [parts[r.name][i] for r in rewards]
+        totals.append(None if any(v is None for v in values) else sum(r.weight * v for r, v in zip(rewards, values)))
+    return totals, parts

@@ -1,0 +1,156 @@
+"""Rejection sampling: k completions per problem from a model, checked against the reference answers, written as
+training data (the offline RL setting of the DFT paper, Sec. 4.2: rejection-sampling fine-tuning data for SFT/DFT,
+and correct-versus-incorrect pairs for DPO).
+
+    python rejection_sample.py --model runs/sft/final --data lab:train:prompt --k 8 --out runs/rft
+    python train.py --loss dft --model runs/sft/final --data runs/rft/sft.jsonl
+    python train.py --loss dpo --model runs/sft/final --data runs/rft/pairs.jsonl
+
+Writes to --out:
+  sft.jsonl     one row per correct completion (at most --max-per-problem per problem, distinct texts):
+                {"messages": prompt turns + the completion as the assistant turn, "answer": ...}
+  pairs.jsonl   for each problem with both a correct and an incorrect completion, up to --max-pairs-per-problem
+                rows {"prompt": turns, "chosen": turns + correct, "rejected": turns + incorrect, "answer": ...}
+                (the lab's preference layout, UltraFeedback's)
+  stats.json    counts: problems, completions, correct, problems with a correct / with a pair, rows written.
+Checking is data/answers.py's, the same as eval.py's accuracy and the GRPO accuracy reward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data.answers import DEFAULT_TIMEOUT_S, grade, prompt_and_answer
+from data.datasets import load_rows
+from data.tokenizer import load_tokenizer
+from model import UserError, default_device, load_model
+from sample import generate, generation_eos_ids
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory or hub id that samples the completions")
+    ap.add_argument("--data", default="lab:train:prompt", help="rows with a reference answer (default lab:train:prompt)")
+    ap.add_argument("--split", default="train", help="split of a hub or directory dataset")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N problems (>= 1)")
+    ap.add_argument("--k", type=int, default=8, help="completions per problem (>= 1; default 8)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; default 1.0)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (0 < p <= 1; default 1: off)")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="longest completion (>= 1; default 256)")
+    ap.add_argument("--max-per-problem", type=int, default=4,
+                    help="correct completions kept per problem for sft.jsonl (>= 1; default 4)")
+    ap.add_argument("--max-pairs-per-problem", type=int, default=1, help="pairs per problem (>= 0; default 1)")
+    ap.add_argument("--keep-truncated", action="store_true",
+                    help="also keep correct completions that hit --max-new-tokens (default: dropped)")
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch (>= 1; default 64)")
+    ap.add_argument("--answer-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per answer check (> 0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", required=True, help="output directory")
+    return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag, value, ok, valid in [("--k", args.k, args.k >= 1, ">= 1"),
+                                   ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+                                   ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+                                   ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                   ("--max-per-problem", args.max_per_problem, args.max_per_problem >= 1, ">= 1"),
+                                   ("--max-pairs-per-problem", args.max_pairs_per_problem,
+                                    args.max_pairs_per_problem >= 0, ">= 0"),
+                                   ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                                   ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+                                   ("--answer-timeout", args.answer_timeout, args.answer_timeout > 0, "> 0")]:
+        if not ok:
+            raise UserError(f"{flag} {value} is out of range; it must be {valid}.")
+
+
+def split_samples(samples: list[dict], max_per_problem: int, max_pairs: int, keep_truncated: bool
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
+    """(correct completions to keep, (correct, incorrect) pairs) of one problem's graded samples, in sample order,
+    distinct texts only. A truncated completion is never a chosen one unless keep_truncated, nor a rejected one (a
+    cut-off text is not a wrong answer); a check that timed out is neither correct nor incorrect."""
+    correct, wrong = [], []
+    for s in samples:
+        if s["truncated"] and not (keep_truncated and s["correct"] is True):
+            continue
+        bucket = correct if s["correct"] is True else wrong if s["correct"] is False else None
+        if bucket is not None and s["text"] not in bucket:
+            bucket.append(s["text"])
+    return correct[:max_per_problem], list(zip(correct, wrong))[:max_pairs]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_args(args)
+    rows = load_rows(args.data, args.split)
+    if args.limit:
+        rows = rows[:args.limit]
+    problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
+                for i, row in enumerate(rows)]
+    device = args.device or default_device()
+    model, model_dir = load_model(args.model, args.dtype, device)
+    tok = load_tokenizer(model_dir)
+    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {"problems": len(problems), "completions": 0, "correct": 0, "truncated": 0, "timed_out": 0,
+             "problems_with_correct": 0, "problems_with_pair": 0, "sft_rows": 0, "pair_rows": 0}
+    start = time.perf_counter()
+    per_batch = max(1, args.batch_size // args.k)
+    with open(out / "sft.jsonl", "w") as sft_file, open(out / "pairs.jsonl", "w") as pair_file:
+        for s in range(0, len(problems), per_batch):
+            chunk = problems[s:s + per_batch]
+            outs = generate(model, [tok.encode_prompt(m) for m, _ in chunk], args.max_new_tokens, eos,
+                            args.temperature, 0, args.top_p, tok.pad_token_id, generator, num_samples=args.k)
+            for p, (messages, answer) in enumerate(chunk):
+                samples = []
+                for o in outs[p * args.k:(p + 1) * args.k]:
+                    text = tok.decode(o, skip_special_tokens=True)
+                    _, verdict = grade(text, answer, args.answer_timeout)
+                    samples.append({"text": text, "correct": verdict, "truncated": not (o and o[-1] in eos)})
+                stats["completions"] += len(samples)
+                stats["correct"] += sum(x["correct"] is True for x in samples)
+                stats["truncated"] += sum(x["truncated"] for x in samples)
+                stats["timed_out"] += sum(x["correct"] is None for x in samples)
+                keep, pairs = split_samples(samples, args.max_per_problem, args.max_pairs_per_problem,
+                                            args.keep_truncated)
+                stats["problems_with_correct"] += bool(keep)
+                stats["problems_with_pair"] += bool(pairs)
+                for text in keep:
+                    sft_file.write(json.dumps({"messages": messages + [{"role": "assistant", "content": text}],
+                                               "answer": answer}) + "\n")
+                for good, bad in pairs:
+                    pair_file.write(json.dumps({"prompt": messages,
+                                                "chosen": messages + [{"role": "assistant", "content": good}],
+                                                "rejected": messages + [{"role": "assistant", "content": bad}],
+                                                "answer": answer}) + "\n")
+                stats["sft_rows"] += len(keep)
+                stats["pair_rows"] += len(pairs)
+            print(f"{min(s + per_batch, len(problems))}/{len(problems)} problems, {stats['correct']} correct of "
+                  f"{stats['completions']}", flush=True)
+    stats["seconds"] = time.perf_counter() - start
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"wrote {stats['sft_rows']} SFT rows to {out / 'sft.jsonl'} and {stats['pair_rows']} pairs to "
+          f"{out / 'pairs.jsonl'}; {stats['correct']}/{stats['completions']} completions correct, "
+          f"{stats['problems_with_correct']}/{stats['problems']} problems with a correct one")
+    return stats
+
+
+if __name__ == "__main__":
+    main()

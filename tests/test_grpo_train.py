@@ -1,0 +1,215 @@
+"""GRPO end to end: shared-prefill rollouts, train.py's rollout block (exact accumulation, mu > 1, KL reference,
+resume), bad flags, and a short run from the command line that raises its reward.
+
+A tiny random Qwen2 (2 layers, hidden 64, the lab's vocabulary and tokenizer) on lab:train:prompt rows: a rollout
+step of 16 completions of 12 tokens is a fraction of a second on a quiet CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data.lab import LAB_MODEL_CONFIG, LAB_TOKENIZER_DIR
+from data.tokenizer import load_tokenizer
+from model import Qwen2Config, Qwen2ForCausalLM, load_model, save_model
+from sample import generate
+from tests.conftest import REPO_ROOT
+
+IM_END = 536  # the lab tokenizer's <|im_end|>
+
+# Digits share of a completion's characters: a reward a random model can climb within a few steps by shifting mass
+# onto the 10 digit tokens. (The lab's own accuracy reward needs a model that already solves some problems.)
+DIGITS_REWARD = "def digits(completions, rows):\n    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_lab_model(tmp_path_factory) -> Path:
+    """Built by our own model code, as the lab base is (no reference implementation needed: nothing is compared
+    with it here)."""
+    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "eos_token_id": IM_END})
+    model = Qwen2ForCausalLM(config).init_weights(std=0.1, seed=0)
+    return save_model(model, tmp_path_factory.mktemp("tiny_lab"), tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="module")
+def digits_reward(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("rewards") / "my_rewards.py"
+    path.write_text(DIGITS_REWARD)
+    return f"{path}:digits"
+
+
+def flags(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["--loss", "grpo", "--model", str(model), "--data", "lab:train:prompt", "--out", str(out),
+            "--no-progress", "--device", "cpu", "--dtype", "float32", "--max-examples", "16", "--max-new-tokens", "12",
+            "--num-generations", "4", "--lr", "1e-3", "--warmup-steps", "0", "--schedule", "constant",
+            "--eval-every", "0", "--eval-data", "lab:test:prompt", "--seed", "0", *extra]
+
+
+def rows_of(out: Path, evals: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if bool(r.get("eval")) == evals]
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model(str(directory), torch.float32, "cpu")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------- rollouts in sample.py
+
+def test_shared_prefill_at_temperature_zero_equals_greedy_generate(tiny_lab_model):
+    model, _ = load_model(str(tiny_lab_model), torch.float32, "cpu")
+    prompts = [[5, 9, 200, 13], [7, 7], [300, 2, 4, 100, 8, 1]]
+    grouped = generate(model, prompts, 10, [IM_END], temperature=0.0, num_samples=3)
+    singles = [generate(model, [p], 10, [IM_END], temperature=0.0)[0] for p in prompts]
+    assert grouped == [s for s in singles for _ in range(3)]
+
+
+def test_shared_prefill_samples_differ_within_a_group(tiny_lab_model):
+    model, _ = load_model(str(tiny_lab_model), torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, [[5, 9, 200, 13]], 10, [IM_END], temperature=1.0, num_samples=4, generator=g)
+    assert len(out) == 4 and len({tuple(o) for o in out}) > 1
+
+
+# ---------------------------------------------------------------- train.py's rollout block
+
+def test_grpo_steps_are_exact_under_accumulation_with_mu_and_kl(tiny_lab_model, tmp_path, digits_reward):
+    """4 prompts x 4 completions per step, mu = 2 (old log-probs before the first update), beta > 0 (a live
+    reference), clipping active: one micro-batch of 4 prompts == two of 2, for two rollouts (4 optimizer steps)."""
+    common = ["--max-steps", "4", "--mu", "2", "--beta", "0.05", "--clip-eps-low", "0.05", "--lr", "1e-2",
+              "--reward", digits_reward, "--reward", "format:0.5"]
+    train.train(train.parse_args(flags(tiny_lab_model, tmp_path / "one", *common, "--batch-size", "4",
+                                       "--grad-accum", "1")))
+    train.train(train.parse_args(flags(tiny_lab_model, tmp_path / "two", *common, "--batch-size", "2",
+                                       "--grad-accum", "2")))
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    assert [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in ("loss", "grad_norm", "kl", "reward", "completion_len", "ratio", "clip_low", "clip_high"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert "reward" in one[0] and "reward" not in one[1]  # a rollout every mu = 2 steps
+    assert all(r["grad_norm"] > 0 for r in one)
+    assert one[0]["ratio"] == pytest.approx(1.0) and one[1]["ratio"] != pytest.approx(1.0, abs=1e-6)
+    assert one[1]["kl"] > 0 and one[1]["clip_low"] + one[1]["clip_high"] > 0
+    wa, wb = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    # Adam divides by sqrt(v): a weight whose gradient is ~0 (rounding noise of different matmul shapes) moves by up
+    # to lr on that noise alone, so element-wise equality is too strict. The runs agree when the difference of their
+    # weights is tiny against what the 4 steps moved them: a wrong accumulation (say, a mean per micro-batch) changes
+    # the step by tens of percent.
+    w0 = weights(tiny_lab_model)
+    moved = sum(float((wa[k] - w0[k]).pow(2).sum()) for k in wa) ** 0.5
+    apart = sum(float((wa[k] - wb[k]).pow(2).sum()) for k in wa) ** 0.5
+    assert moved > 0.1 and apart < 1e-2 * moved, (apart, moved)
+
+
+def test_grpo_resume_mid_rollout_gives_the_same_run(tiny_lab_model, tmp_path, digits_reward):
+    """mu = 2 and a checkpoint after step 1 (mid rollout batch): resuming reuses the saved rollout batch."""
+    common = ["--max-steps", "3", "--mu", "2", "--batch-size", "2", "--reward", digits_reward]
+    train.train(train.parse_args(flags(tiny_lab_model, tmp_path / "full", *common)))
+    cut = tmp_path / "cut"
+    train.train(train.parse_args(flags(tiny_lab_model, cut, *common, "--save-every", "1", "--max-steps", "3")))
+    (cut / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows_of(cut)[:1]) + "\n")
+    train.train(train.parse_args(flags(tiny_lab_model, cut, *common, "--resume", str(cut / "step_1"))))
+    full, resumed = rows_of(tmp_path / "full"), rows_of(cut)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert full[1]["grad_norm"] > 0
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_truncated_and_zero_variance_counts_and_masking(tiny_lab_model, tmp_path):
+    """max_new_tokens 3: a random model almost never says <|im_end|> within 3 tokens, so nearly every completion
+    is truncated; with --mask-truncated they leave the loss (trained tokens drop to those of finished ones)."""
+    out = tmp_path / "run"
+    train.train(train.parse_args(flags(tiny_lab_model, out, "--max-steps", "1", "--max-new-tokens", "3",
+                                       "--reward", "format", "--mask-truncated", "--skip-zero-variance")))
+    row = rows_of(out)[0]
+    assert row["truncated"] > 0.9
+    assert row["zero_variance_groups"] == 1.0  # no completion of 3 tokens can close a \boxed{}: all rewards 0
+    assert row["loss"] == 0.0 and row["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-generations", "1"], "--num-generations 1 is out of range; it must be >= 2"),
+    (["--mu", "0"], "--mu 0 is out of range"),
+    (["--temperature", "0"], "--temperature 0.0 is out of range"),
+    (["--top-p", "1.5"], "--top-p 1.5 is out of range"),
+    (["--clip-eps-low", "1"], "--clip-eps-low 1.0 is out of range"),
+    (["--beta", "-1"], "--beta -1.0 is out of range"),
+    (["--reward", "nope"], "unknown reward 'nope'"),
+    (["--reward", "missing.py:f"], "does not exist"),
+    (["--pack"], "--pack does not apply"),
+])
+def test_bad_grpo_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message):
+    with pytest.raises(SystemExit) as exit_info:  # main() turns a UserError into "error: ..." and a non-zero exit
+        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()  # refused before any work
+
+
+def test_rows_without_answers_are_refused_for_the_accuracy_reward(tiny_lab_model, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2+3?", "answer": "5"}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    args = flags(tiny_lab_model, tmp_path / "x")
+    args[args.index("--data") + 1] = str(data)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    assert "line 2" in str(exit_info.value.code) and "needs a reference answer" in str(exit_info.value.code)
+
+
+# ---------------------------------------------------------------- from the command line: the reward goes up
+
+def test_a_short_grpo_run_raises_its_reward(tiny_lab_model, tmp_path, digits_reward):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", *flags(tiny_lab_model, out, "--max-steps", "16",
+                                                                "--batch-size", "4", "--lr", "1e-2",
+                                                                "--reward", digits_reward)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rewards = [r["reward"] for r in rows_of(out)]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.1 and last > 2 * first, rewards
+    assert "reward_my_rewards.digits" in rows_of(out)[0]
+
+
+# ---------------------------------------------------------------- rejection sampling
+
+def test_rejection_split_by_hand():
+    """Samples: A correct, B wrong, A again (duplicate), C correct but truncated, D timed out, E wrong but truncated.
+    Kept: A only (C is cut off, the duplicate is dropped); pairs: (A, B) only (E is cut off, D is neither)."""
+    import rejection_sample
+
+    samples = [{"text": "A", "correct": True, "truncated": False}, {"text": "B", "correct": False, "truncated": False},
+               {"text": "A", "correct": True, "truncated": False}, {"text": "C", "correct": True, "truncated": True},
+               {"text": "D", "correct": None, "truncated": False}, {"text": "E", "correct": False, "truncated": True}]
+    assert rejection_sample.split_samples(samples, 4, 3, keep_truncated=False) == (["A"], [("A", "B")])
+    assert rejection_sample.split_samples(samples, 4, 3, keep_truncated=True) == (["A", "C"], [("A", "B")])
+    assert rejection_sample.split_samples(samples, 1, 0, keep_truncated=True) == (["A"], [])
+
+
+def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path):
+    import rejection_sample
+
+    stats = rejection_sample.run(rejection_sample.parse_args(
+        ["--model", str(tiny_lab_model), "--data", "lab:train:prompt", "--limit", "6", "--k", "3",
+         "--max-new-tokens", "8", "--out", str(tmp_path / "rft"), "--device", "cpu"]))
+    assert stats["problems"] == 6 and stats["completions"] == 18
+    sft = (tmp_path / "rft" / "sft.jsonl").read_text().splitlines()
+    pairs = (tmp_path / "rft" / "pairs.jsonl").read_text().splitlines()
+    assert len(sft) == stats["sft_rows"] and len(pairs) == stats["pair_rows"]
+    assert json.loads((tmp_path / "rft" / "stats.json").read_text())["completions"] == 18
+    with pytest.raises(SystemExit, match="--k 0 is out of range"):
+        rejection_sample.main(["--model", str(tiny_lab_model), "--k", "0", "--out", str(tmp_path / "x")])
