@@ -362,10 +362,11 @@ def build_parser() -> Parser:
     ap = Parser(description=__doc__)
     ap.add_argument("--metric", choices=METRICS, default="accuracy", help="what to measure, see above")
     ap.add_argument("--model", action="append", default=None,
-                    help="checkpoint dir, hub id or 'lab' (the lab's base model); repeat to compare (not with "
-                    "--completions)")
+                    help="checkpoint dir, hub id or 'lab' (the lab's base model); repeat to compare (default: none; "
+                    "one is required unless --completions is given)")
     ap.add_argument("--completions", default=None, help="accuracy without a model: a JSONL file of "
-                    "rows with a reference answer and a 'completion' string or list of strings, produced elsewhere")
+                    "rows with a reference answer and a 'completion' string or list of strings, produced elsewhere "
+                    "(default: none)")
     ap.add_argument("--data", default=DEFAULT_DATA, help="dataset spec (file, directory, hub id, lab[:split][:layout]); "
                     "the default lab:test is read as lab:test:preference / lab:test:prompt by those metrics")
     ap.add_argument("--split", default="test", help="split of a directory or hub --data")

@@ -72,7 +72,8 @@ TRAIN_REFUSALS = [
     (["--epochs", "0"], "--epochs", "0", "> 0"),
     (["--warmup-ratio", "2"], "--warmup-ratio", "2", "in [0, 1]"),
     (["--warmup-steps", "-1"], "--warmup-steps", "-1", ">= 0"),
-    (["--beta", "-1"], "--beta", "-1", "> 0"),
+    (["--beta", "-1"], "--beta", "-1", ">= 0"),
+    (["--loss", "dpo", "--beta", "0"], "--beta", "0", "> 0"),
     (["--grad-accum", "0"], "--grad-accum", "0", ">= 1"),
     (["--batch-size", "0"], "--batch-size", "0", ">= 1"),
     (["--max-len", "1"], "--max-len", "1", ">= 2"),
@@ -282,11 +283,12 @@ def test_lab_model_name_is_the_same_in_every_script(tmp_path: Path):
 
 def fake_generate(tokens: list[int]):
     """A stand-in for sample.generate that 'generates' the given tokens, streaming them like the real one."""
-    def generate(model, prompts, max_new_tokens, eos, temperature, top_k, top_p, pad_id, generator, on_token=None):
+    def generate(model, prompts, max_new_tokens, eos, temperature, top_k, top_p, pad_id, generator, on_token=None,
+                 num_samples=1):
         for t in tokens:
             if on_token is not None:
-                on_token(torch.tensor([t] * len(prompts)))
-        return [list(tokens) for _ in prompts]
+                on_token(torch.tensor([t] * len(prompts) * num_samples))
+        return [list(tokens) for _ in prompts for _ in range(num_samples)]
     return generate
 
 
