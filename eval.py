@@ -299,6 +299,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("give --model (a checkpoint to evaluate) or, for accuracy, --completions FILE.jsonl.")
     if args.k < 1:
         raise UserError(f"--k {args.k} is out of range; it must be >= 1.")
+    if args.answer_timeout <= 0:
+        raise UserError(f"--answer-timeout {args.answer_timeout} is out of range; it must be > 0.")
     if args.metric == "deviation" and not args.ref_model:
         raise UserError("--metric deviation needs --ref-model (the model to measure the deviation from).")
     device = args.device or default_device()
@@ -352,6 +354,8 @@ def run(args: argparse.Namespace) -> dict:
 def run_completions(args: argparse.Namespace) -> dict:
     if args.metric != "accuracy" or args.model:
         raise UserError("--completions scores accuracy without a model: use it with --metric accuracy and no --model.")
+    if args.answer_timeout <= 0:
+        raise UserError(f"--answer-timeout {args.answer_timeout} is out of range; it must be > 0.")
     result, records = score_completions(args)
     print_table("accuracy", {args.completions: result})
     out = Path(args.out or "eval_accuracy.json")

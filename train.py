@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -349,6 +350,11 @@ def check_rollout_flags(args) -> None:
             raise UserError(f"{flag} {value} is out of range; it must be {valid}.")
     if args.pack:
         raise UserError("--pack does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
+    if args.format_pattern is not None:
+        try:
+            re.compile(args.format_pattern)
+        except re.error as e:
+            raise UserError(f"--format-pattern {args.format_pattern!r} is not a valid regular expression ({e}).")
 
 
 def prompt_examples(rows, tok, max_len: int, source: str = "", *, max_new_tokens: int) -> tuple[list[Example], dict]:
