@@ -531,6 +531,8 @@ def run(args: argparse.Namespace) -> dict:
 def run_completions(args: argparse.Namespace) -> dict:
     if args.metric != "accuracy" or args.model:
         raise UserError("--completions scores accuracy without a model: use it with --metric accuracy and no --model.")
+    if args.answer_timeout <= 0:
+        raise UserError(f"--answer-timeout {args.answer_timeout} is out of range; it must be > 0.")
     result, records = score_completions(args)
     print_table("accuracy", {args.completions: result})
     out = Path(args.out or "eval_accuracy.json")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -483,6 +484,11 @@ def check_rollout_flags(ap, args) -> None:
     """Flags that only make sense together (each flag's own range is checked by its declaration)."""
     if args.pack:
         refuse(ap, "--pack", "does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
+    if args.format_pattern is not None:
+        try:
+            re.compile(args.format_pattern)
+        except re.error as e:
+            refuse(ap, "--format-pattern", f"{args.format_pattern!r} is not a valid regular expression ({e}).")
 
 
 def prompt_examples(rows, tok, max_len: int, source: str = "", *, max_new_tokens: int) -> tuple[list[Example], dict]:

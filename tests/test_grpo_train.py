@@ -151,6 +151,8 @@ def test_truncated_and_zero_variance_counts_and_masking(tiny_lab_model, tmp_path
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--reward", "missing.py:f"], "does not exist"),
     (["--pack"], "--pack does not apply"),
+    (["--format-pattern", "(unclosed"], "--format-pattern '(unclosed' is not a valid regular expression"),
+    (["--answer-timeout", "0"], "--answer-timeout 0.0 is out of range"),
 ])
 def test_bad_grpo_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message):
     with pytest.raises(SystemExit) as exit_info:  # main() turns a UserError into "error: ..." and a non-zero exit
