@@ -653,14 +653,16 @@ def find_resume_dir(args) -> Path | None:
     return path
 
 
-def finished_run(out: Path) -> str | None:
-    """When `out` holds a finished run (its final/ exists): a sentence saying so, for --resume auto/latest."""
+def finished_run(out: Path) -> dict | None:
+    """When `out` holds a finished run (its final/ exists), for --resume auto/latest: its summary, with a sentence
+    saying so."""
     if not (out / "final" / "config.json").is_file():
         return None
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if not r.get("eval")]
     at = f" after {steps[-1]} steps" if steps else ""
-    return (f"{out} already finished{at} (its final/ checkpoint exists); nothing to resume. Pass another --out to "
-            f"train again, or --resume {out}/step_N to continue from a given step.")
+    message = (f"{out} already finished{at} (its final/ checkpoint exists); nothing to resume. Pass another --out "
+               f"to train again, or --resume {out}/step_N to continue from a given step.")
+    return {"steps": steps[-1] if steps else 0, "stop_reason": "already finished", "message": message}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -795,8 +797,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume in ("auto", "latest"):
         finished = finished_run(out)
         if finished:
-            print(finished)
-            return {"steps": 0, "stop_reason": "already finished"}
+            print(finished["message"])
+            return finished
     resume_dir = find_resume_dir(args) if args.resume else None
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -316,7 +316,7 @@ def test_resume_of_a_finished_run_says_so_and_fresh_start_over_it_is_refused(
 
     for mode in (["--resume"], ["--resume", "auto"], ["--resume", "latest"]):
         summary = train.train(train.parse_args([*flags, *mode]))
-        assert summary["stop_reason"] == "already finished"
+        assert summary["stop_reason"] == "already finished" and summary["steps"] == 2
         assert f"{out} already finished after 2 steps" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == log  # nothing trained, logged or saved
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final_mtime
