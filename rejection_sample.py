@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cli import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser, device_name, model_spec, output_dir
 from data.answers import DEFAULT_TIMEOUT_S, grade, prompt_and_answer
 from data.datasets import load_rows
 from data.tokenizer import load_tokenizer
@@ -34,26 +35,27 @@ from sample import generate, generation_eos_ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory or hub id that samples the completions")
+    ap = Parser(description=__doc__)
+    ap.add_argument("--model", required=True, help="checkpoint directory, hub id or 'lab' that samples the completions")
     ap.add_argument("--data", default="lab:train:prompt", help="rows with a reference answer (default lab:train:prompt)")
     ap.add_argument("--split", default="train", help="split of a hub or directory dataset")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N problems (>= 1)")
-    ap.add_argument("--k", type=int, default=8, help="completions per problem (>= 1; default 8)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; default 1.0)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (0 < p <= 1; default 1: off)")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="longest completion (>= 1; default 256)")
-    ap.add_argument("--max-per-problem", type=int, default=4,
+    ap.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N problems (>= 1)")
+    ap.add_argument("--k", type=POSITIVE_INT, default=8, help="completions per problem (>= 1; default 8)")
+    ap.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="sampling temperature (> 0; default 1.0)")
+    ap.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus mass (0 < p <= 1; default 1: off)")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest completion (>= 1; default 256)")
+    ap.add_argument("--max-per-problem", type=POSITIVE_INT, default=4,
                     help="correct completions kept per problem for sft.jsonl (>= 1; default 4)")
-    ap.add_argument("--max-pairs-per-problem", type=int, default=1, help="pairs per problem (>= 0; default 1)")
+    ap.add_argument("--max-pairs-per-problem", type=NON_NEGATIVE_INT, default=1, help="pairs per problem (>= 0; default 1)")
     ap.add_argument("--keep-truncated", action="store_true",
                     help="also keep correct completions that hit --max-new-tokens (default: dropped)")
-    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch (>= 1; default 64)")
-    ap.add_argument("--answer-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per answer check (> 0)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="sequences per generation batch (>= 1; default 64)")
+    ap.add_argument("--answer-timeout", type=POSITIVE_FLOAT, default=DEFAULT_TIMEOUT_S, help="seconds per answer check (> 0)")
+    ap.add_argument("--seed", type=SEED, default=0, help="seed of the sampling")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--out", type=output_dir, required=True, help="output directory")
     return ap.parse_args(argv)
 
 
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
                 for i, row in enumerate(rows)]
     device = args.device or default_device()
-    model, model_dir = load_model(args.model, args.dtype, device)
+    model, model_dir = load_model(model_spec(args.model), args.dtype, device)
     tok = load_tokenizer(model_dir)
     eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -11,7 +11,6 @@ products depends on it: with the same torch version and CPU, a rebuild is byte-i
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from cli import Parser, output_dir  # noqa: E402
 from data.lab import LAB_BASE_DIR, LAB_TOKENIZER_DIR  # noqa: E402
 from data.tokenizer import load_tokenizer  # noqa: E402
 from model import Qwen2Config, Qwen2ForCausalLM, UserError, save_model  # noqa: E402
@@ -66,14 +66,13 @@ def build_lab_base(out_dir: str | Path = LAB_BASE_DIR, work_dir: str | Path | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(LAB_BASE_DIR), help="output directory (default: the shipped one, %(default)s)")
-    parser.add_argument("--work-dir", default=None, help="where the init and the run go (default: a new temp dir)")
+    parser = Parser(description=__doc__)
+    parser.add_argument("--out", type=output_dir, default=str(LAB_BASE_DIR),
+                        help="output directory (default: the shipped one, data/lab_assets/base)")
+    parser.add_argument("--work-dir", type=output_dir, default=None,
+                        help="where the init and the run go (default: a new temp dir)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"error: --out {out} is a file; pass a directory.", file=sys.stderr)
-        return 2
     start = time.perf_counter()
     try:
         print(f"wrote {build_lab_base(out, args.work_dir)} in {(time.perf_counter() - start) / 60:.1f} min")

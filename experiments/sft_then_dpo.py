@@ -22,7 +22,6 @@ Writes to --out:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
+from cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range, output_dir  # noqa: E402
 import train  # noqa: E402
 from model import UserError  # noqa: E402
 
@@ -121,29 +121,29 @@ def side_by_side(models: dict[str, str], args, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--model", default="lab", help="base model (default: the lab's)")
     ap.add_argument("--sft-data", default="lab", help="demonstrations for SFT")
-    ap.add_argument("--sft-split", default="train")
+    ap.add_argument("--sft-split", default="train", help="split of a directory or hub --sft-data")
     ap.add_argument("--pref-data", default="lab:train:preference", help="preference pairs for DPO")
-    ap.add_argument("--pref-split", default="train")
+    ap.add_argument("--pref-split", default="train", help="split of a directory or hub --pref-data")
     ap.add_argument("--eval-data", default="lab:test:preference", help="held-out pairs for the table")
-    ap.add_argument("--eval-split", default="test")
+    ap.add_argument("--eval-split", default="test", help="split of a directory or hub --eval-data")
     ap.add_argument("--prompts", default="lab:test:prompt", help="held-out prompts answered side by side")
-    ap.add_argument("--prompts-split", default="test")
-    ap.add_argument("--n-prompts", type=int, default=3, help="prompts in responses.md, >= 1 (default 3)")
+    ap.add_argument("--prompts-split", default="test", help="split of a directory or hub --prompts")
+    ap.add_argument("--n-prompts", type=POSITIVE_INT, default=3, help="prompts in responses.md, >= 1 (default 3)")
     ap.add_argument("--loss", default="dpo", choices=["dpo", "minor_dpo"], help="the preference objective")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--sft-steps", type=int, default=100, help="SFT optimizer steps, >= 1 (default 100)")
-    ap.add_argument("--dpo-steps", type=int, default=100, help="DPO optimizer steps, >= 1 (default 100)")
-    ap.add_argument("--batch-size", type=int, default=16, help="examples (SFT) or pairs (DPO) per step (default 16)")
-    ap.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate, > 0 (default 1e-3, the lab's)")
-    ap.add_argument("--dpo-lr", type=float, default=1e-4, help="DPO learning rate, > 0 (default 1e-4)")
-    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta, > 0 (default 0.1, papers 000/004)")
-    ap.add_argument("--max-len", type=int, default=None, help="tokens per sequence (default: train.py's)")
-    ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out pairs")
-    ap.add_argument("--max-new-tokens", type=int, default=160, help="new tokens per side-by-side response")
-    ap.add_argument("--out", default="runs/sft_then_dpo")
+    ap.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run of each training per seed")
+    ap.add_argument("--sft-steps", type=POSITIVE_INT, default=100, help="SFT optimizer steps, >= 1 (default 100)")
+    ap.add_argument("--dpo-steps", type=POSITIVE_INT, default=100, help="DPO optimizer steps, >= 1 (default 100)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examples (SFT) or pairs (DPO) per step (default 16)")
+    ap.add_argument("--sft-lr", type=POSITIVE_FLOAT, default=1e-3, help="SFT learning rate, > 0 (default 1e-3, the lab's)")
+    ap.add_argument("--dpo-lr", type=POSITIVE_FLOAT, default=1e-4, help="DPO learning rate, > 0 (default 1e-4)")
+    ap.add_argument("--beta", type=POSITIVE_FLOAT, default=0.1, help="DPO beta, > 0 (default 0.1, papers 000/004)")
+    ap.add_argument("--max-len", type=Range(int, low=4), default=None, help="tokens per sequence (default: train.py's)")
+    ap.add_argument("--eval-limit", type=POSITIVE_INT, default=None, help="score only the first N held-out pairs")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=160, help="new tokens per side-by-side response")
+    ap.add_argument("--out", type=output_dir, default="runs/sft_then_dpo", help="output directory")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 3 steps of 4 each, 8 held-out pairs, 1 prompt of 16 tokens: checks the pipeline")
     ap.add_argument("--paper", action="store_true",

@@ -397,3 +397,12 @@ def test_eval_writes_under_the_run_folder_and_records_the_data_spec(tmp_path: Pa
     assert list(work.iterdir()) == []
     assert evaluation.data_record(argparse.Namespace(data=str(tmp_path), split="validation")) \
         == {"data": str(tmp_path), "split": "validation"}  # a directory: the split is part of what was read
+
+
+@pytest.mark.parametrize("script", ["experiments/sft_then_dpo.py", "rejection_sample.py",
+                                    "experiments/build_lab_base.py"])
+def test_other_scripts_declare_every_flag_with_a_range(script: str):
+    """These build their parser inside main(); cli.Parser checks every declaration when it parses, so `-h` fails with
+    a TypeError naming a numeric flag that has no range (or a flag with no help), and bad values are refused."""
+    r = subprocess.run([sys.executable, str(REPO_ROOT / script), "-h"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
