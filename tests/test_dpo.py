@@ -351,7 +351,9 @@ def test_one_micro_batch_of_8_pairs_equals_4_of_2(model_dir: Path, uf_rows: Path
     whole = run_dpo(model_dir, uf_rows, tmp_path / "whole", *extra, "--batch-size", "8", "--grad-accum", "1")
     split = run_dpo(model_dir, uf_rows, tmp_path / "split", *extra, "--batch-size", "2", "--grad-accum", "4")
     assert_rows_match(split, whole, PAIR_KEYS, rtol=1e-6)
-    assert_same_weights(tmp_path / "split" / "final", tmp_path / "whole" / "final", atol=1e-6)
+    # Weights within 5e-6 after 2 steps of lr 1e-4: fp32 sums in another order, amplified by Adam where the second
+    # moment is tiny (rarely seen embedding rows); 1.4e-6 was seen with 2 threads.
+    assert_same_weights(tmp_path / "split" / "final", tmp_path / "whole" / "final", atol=5e-6)
 
 
 @requires_shared
@@ -378,14 +380,20 @@ from data.tokenizer import load_tokenizer  # noqa: E402
 def test_eval_preference_matches_a_naive_computation(tmp_path: Path):
     """Eq. 4 accuracy recomputed without the kernel or collate_pairs: one unpadded forward per sequence, full
     log_softmax, response tokens picked by the loss mask. With --ref-model equal to --model every margin is exactly
-    0, which is not a win: reward accuracy 0."""
+    0, which is not a win: reward accuracy 0. The lab base prefers the correct solution of every lab pair, so every
+    third pair is written with chosen and rejected swapped, and both outcomes occur."""
+    rows = load_rows("lab:test:preference")[:12]
+    for row in rows[::3]:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "pref.json"
     payload = evaluation.run(evaluation.parse_args(["--metric", "preference", "--model", "lab", "--ref-model", "lab",
-                                                    "--limit", "12", "--out", str(out)]))
-    assert payload["data"] == "lab:test:preference" and json.loads(out.read_text())["results"]
+                                                    "--data", str(data), "--out", str(out)]))
+    assert payload["data"] == str(data) and json.loads(out.read_text())["results"]
     result = payload["results"]["lab"]
     model, _ = load_model(str(LAB_BASE_DIR), torch.float32, "cpu")
-    pairs, _ = tokenize_preference_rows(load_rows("lab:test:preference")[:12], load_tokenizer(LAB_BASE_DIR), 1024)
+    pairs, _ = tokenize_preference_rows(rows, load_tokenizer(LAB_BASE_DIR), 1024)
 
     def naive(example):
         ids = torch.tensor([example.input_ids])

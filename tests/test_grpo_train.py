@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import train
-from data.lab import LAB_MODEL_CONFIG, LAB_TOKENIZER_DIR
+from data.lab import LAB_TOKENIZER_DIR
+from experiments.build_lab_base import LAB_MODEL_CONFIG
 from data.tokenizer import load_tokenizer
 from model import Qwen2Config, Qwen2ForCausalLM, load_model, save_model
 from sample import generate
