@@ -1028,7 +1028,11 @@ def train(args: argparse.Namespace) -> dict:
         if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
             ev = run_eval()
             log({"step": step, "eval": True, **ev})
-            tqdm.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+            shown = (f"nll {ev['eval_nll']:.4f} (ppl {ev['eval_ppl']:.2f})" if "eval_nll" in ev else
+                     ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in ev.items()))
+            if "eval_preference_accuracy" in ev:
+                shown += f", preference accuracy {ev['eval_preference_accuracy']:.3f}"
+            tqdm.write(f"eval at step {step}: {shown}")
             if eval_loss(ev) < best_eval:
                 best_eval, evals_since_best = eval_loss(ev), 0
             else:

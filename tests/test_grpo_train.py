@@ -143,19 +143,31 @@ def test_truncated_and_zero_variance_counts_and_masking(tiny_lab_model, tmp_path
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-generations", "1"], "--num-generations 1 is out of range; it must be >= 2"),
-    (["--mu", "0"], "--mu 0 is out of range"),
-    (["--temperature", "0"], "--temperature 0.0 is out of range"),
-    (["--top-p", "1.5"], "--top-p 1.5 is out of range"),
-    (["--clip-eps-low", "1"], "--clip-eps-low 1.0 is out of range"),
-    (["--beta", "-1"], "--beta -1.0 is out of range"),
+    (["--num-generations", "1"], "argument --num-generations: 1 is out of range; it must be an integer >= 2"),
+    (["--mu", "0"], "argument --mu: 0 is out of range"),
+    (["--temperature", "0"], "argument --temperature: 0 is out of range"),
+    (["--top-p", "1.5"], "argument --top-p: 1.5 is out of range"),
+    (["--clip-eps-low", "1"], "argument --clip-eps-low: 1 is out of range"),
+    (["--beta", "-1"], "argument --beta: -1 is out of range"),
+    (["--pack"], "argument --pack: does not apply"),
+    (["--format-pattern", "(unclosed"], "argument --format-pattern: '(unclosed' is not a valid regular expression"),
+    (["--answer-timeout", "0"], "argument --answer-timeout: 0 is out of range"),
+])
+def test_bad_grpo_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message, capsys):
+    """Refused when the command line is parsed (cli.py): one line on stderr, exit status 2, nothing written."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "x").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("extra, message", [
     (["--reward", "nope"], "unknown reward 'nope'"),
     (["--reward", "missing.py:f"], "does not exist"),
-    (["--pack"], "--pack does not apply"),
-    (["--format-pattern", "(unclosed"], "--format-pattern '(unclosed' is not a valid regular expression"),
-    (["--answer-timeout", "0"], "--answer-timeout 0.0 is out of range"),
 ])
-def test_bad_grpo_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message):
+def test_bad_rewards_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message):
     with pytest.raises(SystemExit) as exit_info:  # main() turns a UserError into "error: ..." and a non-zero exit
         train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
     text = str(exit_info.value.code)
@@ -203,7 +215,7 @@ def test_rejection_split_by_hand():
     assert rejection_sample.split_samples(samples, 1, 0, keep_truncated=True) == (["A"], [])
 
 
-def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path):
+def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path, capsys):
     import rejection_sample
 
     stats = rejection_sample.run(rejection_sample.parse_args(
@@ -214,5 +226,6 @@ def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path):
     pairs = (tmp_path / "rft" / "pairs.jsonl").read_text().splitlines()
     assert len(sft) == stats["sft_rows"] and len(pairs) == stats["pair_rows"]
     assert json.loads((tmp_path / "rft" / "stats.json").read_text())["completions"] == 18
-    with pytest.raises(SystemExit, match="--k 0 is out of range"):
+    with pytest.raises(SystemExit) as exit_info:
         rejection_sample.main(["--model", str(tiny_lab_model), "--k", "0", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "argument --k: 0 is out of range" in capsys.readouterr().err

@@ -223,10 +223,17 @@ def test_collate_pairs_padded_and_packed(tok):
         assert torch.all(with_ref["ref_logps"][on] == pair.rejected.index)
 
 
-@pytest.mark.parametrize("flags,message", [(["--label-smoothing", "0.5", "--dpo-variant", "cdpo"], "--label-smoothing 0.5"),
-                                           (["--beta", "-1"], "--beta -1.0"),
-                                           (["--label-smoothing", "0.1"], "--label-smoothing applies only")])
-def test_out_of_range_preference_flags_are_one_error_line(flags: list[str], message: str):
+@pytest.mark.parametrize("flags,message", [
+    (["--label-smoothing", "0.5", "--dpo-variant", "cdpo"], "argument --label-smoothing: 0.5 is out of range"),
+    (["--beta", "-1"], "argument --beta: -1 is out of range"),
+    (["--beta", "0"], "argument --beta: 0 is out of range for --loss dpo"),
+    (["--label-smoothing", "0.1"], "argument --label-smoothing: 0.1 applies only")])
+def test_out_of_range_preference_flags_are_one_error_line(flags: list[str], message: str, capsys, tmp_path):
+    """Refused when the command line is parsed (cli.py), before any model or data loads."""
     import train
-    with pytest.raises(UserError, match=message):
-        train.train(train.parse_args(["--loss", "dpo", "--out", "/nonexistent/never-written", *flags]))
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--loss", "dpo", "--out", str(tmp_path / "never-written"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "never-written").exists()
