@@ -59,21 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for flag, value, ok, valid in [("--k", args.k, args.k >= 1, ">= 1"),
-                                   ("--temperature", args.temperature, args.temperature > 0, "> 0"),
-                                   ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
-                                   ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
-                                   ("--max-per-problem", args.max_per_problem, args.max_per_problem >= 1, ">= 1"),
-                                   ("--max-pairs-per-problem", args.max_pairs_per_problem,
-                                    args.max_pairs_per_problem >= 0, ">= 0"),
-                                   ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-                                   ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
-                                   ("--answer-timeout", args.answer_timeout, args.answer_timeout > 0, "> 0")]:
-        if not ok:
-            raise UserError(f"{flag} {value} is out of range; it must be {valid}.")
-
-
 def split_samples(samples: list[dict], max_per_problem: int, max_pairs: int, keep_truncated: bool
                   ) -> tuple[list[str], list[tuple[str, str]]]:
     """(correct completions to keep, (correct, incorrect) pairs) of one problem's graded samples, in sample order,
@@ -98,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_args(args)
     rows = load_rows(args.data, args.split)
     if args.limit:
         rows = rows[:args.limit]
