@@ -113,6 +113,9 @@ def build_parser() -> Parser:
                    "penalty starts (>= 0; default 256)")
     g.add_argument("--length-coef", type=NON_NEGATIVE_FLOAT, default=0.001,
                    help="length reward: lambda of -lambda max(0, len - target)^2 (>= 0; default 0.001, paper 004)")
+    g.add_argument("--eval-samples", type=NON_NEGATIVE_INT, default=4,
+                   help="held-out evaluation: completions sampled per prompt at --temperature, scored as avg@k, the "
+                   "accuracy the rollouts optimise (>= 0; default 4; 0: greedy accuracy only)")
     g.add_argument("--answer-timeout", type=POSITIVE_FLOAT, default=5.0,
                    help="seconds allowed per answer check before the reward is None (> 0; default 5)")
 
@@ -565,26 +568,43 @@ def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], 
     return batches, row
 
 
+EVAL_SAMPLING_SEED = 1234  # held-out sampling: the same random stream at every evaluation
+
+
 @torch.no_grad()
 def evaluate_rollouts(model, examples: list[Example], rows, tok, rewards, eos: list[int], args) -> dict:
-    """Held-out prompts, one greedy completion each: the mean total reward and, when every row has a reference
-    answer, the accuracy (data/answers.py, the checker of the accuracy reward)."""
+    """Held-out prompts: one greedy completion each (mean total reward, and accuracy when every row has a reference
+    answer, checked by data/answers.py as the accuracy reward is), plus --eval-samples completions each sampled at
+    --temperature: their mean accuracy is avg@k, what the rollouts' expected reward measures. The sampling generator
+    has a fixed seed, so evaluations before and after training draw from the same random stream."""
     model.eval()
-    texts, answers = [], []
-    for s in range(0, len(examples), 64):
-        chunk = examples[s:s + 64]
-        outs = generate(model, [e.input_ids for e in chunk], args.max_new_tokens, eos, temperature=0.0,
-                        pad_id=tok.pad_token_id)
-        texts += [Completion(tok.decode(o, skip_special_tokens=True), len(o), not (o and o[-1] in eos)) for o in outs]
-        answers += [reference_answer(rows[e.index]) for e in chunk]
-    model.train()
+    answers = [reference_answer(rows[e.index]) for e in examples]
+    has_answers = all(a is not None for a in answers)
+
+    def complete(temperature: float, k: int) -> list[Completion]:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(EVAL_SAMPLING_SEED)
+        texts = []
+        for s in range(0, len(examples), 64):
+            outs = generate(model, [e.input_ids for e in examples[s:s + 64]], args.max_new_tokens, eos, temperature,
+                            args.top_k, args.top_p, tok.pad_token_id, generator, num_samples=k)
+            texts += [Completion(tok.decode(o, skip_special_tokens=True), len(o), not (o and o[-1] in eos))
+                      for o in outs]
+        return texts
+
+    def accuracy(texts: list[Completion], k: int) -> float:
+        return float(np.mean([check_answer(extract_answer(t), answers[i // k], args.answer_timeout) is True
+                              for i, t in enumerate(texts)]))
+
+    texts = complete(0.0, 1)
     totals, _ = score_rewards(rewards, texts, [rows[e.index] for e in examples])
     scored = [r for r in totals if r is not None]
     out = {"eval_reward": float(np.mean(scored)) if scored else math.nan,
            "eval_completion_len": float(np.mean([c.num_tokens for c in texts])), "eval_prompts": len(examples)}
-    if all(a is not None for a in answers):
-        out["eval_accuracy"] = float(np.mean([check_answer(extract_answer(t), a, args.answer_timeout) is True
-                                              for t, a in zip(texts, answers)]))
+    if has_answers:
+        out["eval_accuracy"] = accuracy(texts, 1)
+        if args.eval_samples:
+            out["eval_accuracy_sampled"] = accuracy(complete(args.temperature, args.eval_samples), args.eval_samples)
+    model.train()
     return out
 
 
@@ -766,9 +786,14 @@ def measure(model, tok, model_dir: Path, eval_examples: list, problems: list, ev
     return figures
 
 
+ONLINE_REPORT = ("eval_reward", "eval_accuracy", "eval_accuracy_sampled")  # what an online run reports
+
+
 def print_report(before: dict, after: dict, args, path: Path) -> None:
     names = {"eval_nll": "held-out NLL", "eval_preference_accuracy": "preference accuracy",
-             "greedy_accuracy": f"accuracy (greedy, {args.report_problems} problems)"}
+             "greedy_accuracy": f"accuracy (greedy, {args.report_problems} problems)",
+             "eval_reward": "reward (greedy)", "eval_accuracy": "accuracy (greedy)",
+             "eval_accuracy_sampled": f"accuracy (avg@{args.eval_samples}, temperature {args.temperature:g})"}
     keys = [k for k in names if k in after]
     if not keys:
         return
@@ -880,13 +905,11 @@ def train(args: argparse.Namespace) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     evaluate_fn = evaluate_pairs if preference else evaluate
-    problems = report_problems(args)
+    problems = [] if online else report_problems(args)  # online runs report their held-out eval (run_eval)
     before_file = out / "summary_before.json"  # kept across a resume: "before" is the run's starting model
-    if resume_dir is None:
-        before = measure(model, tok, model_dir, [] if online else eval_examples, problems, evaluate_fn, args, device,
-                         precision)
+    if resume_dir is None and not online:
+        before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision)
         before_file.write_text(json.dumps(before) + "\n")
-    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     metrics_file = open(out / "metrics.jsonl", "a" if resume_dir else "w")
     n_params = sum(p.numel() for p in model.parameters())
@@ -913,10 +936,13 @@ def train(args: argparse.Namespace) -> dict:
     def eval_loss(ev: dict) -> float:  # lower is better, for --patience
         if preference:  # the held-out preference error
             return 1.0 - ev["eval_preference_accuracy"]
-        return ev["eval_nll"] if "eval_nll" in ev else -ev.get("eval_accuracy", ev["eval_reward"])
+        return ev["eval_nll"] if "eval_nll" in ev else -ev.get("eval_accuracy_sampled", ev.get("eval_accuracy", ev["eval_reward"]))
 
-    if online and eval_examples and args.eval_every and step == 0:  # where the policy starts
-        log({"step": 0, "eval": True, **run_eval()})
+    if online and eval_examples and resume_dir is None:  # where the policy starts: logged, and the report's "before"
+        start = run_eval()
+        log({"step": 0, "eval": True, **start})
+        before_file.write_text(json.dumps({k: start[k] for k in ONLINE_REPORT if k in start}) + "\n")
+    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
 
     bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
     batches = sampler.epoch_batches(epoch)
@@ -1056,7 +1082,7 @@ def train(args: argparse.Namespace) -> dict:
           + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if "eval_nll" in summary else "")
           + (f", eval accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "")
           + f"; checkpoint in {out / 'final'}")
-    after = {k: summary[k] for k in ("eval_nll", "eval_preference_accuracy") if k in summary}
+    after = {k: summary[k] for k in ("eval_nll", "eval_preference_accuracy", *ONLINE_REPORT) if k in summary}
     if problems:
         after["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
     report = {"data": args.eval_data, "report_problems": len(problems), "before": before, "after": after}

@@ -160,6 +160,25 @@ def test_every_metric_from_the_command_line(tmp_path: Path):
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "--ref-model" in r.stderr
 
 
+def test_quick_start_reports_what_changed(tmp_path: Path):
+    """`python train.py --loss dft` (here 3 steps, 5 report problems): the before/after of held-out NLL and greedy
+    accuracy is printed and written to the run folder. The base has never seen the chat format, so its NLL on the
+    chat-formatted test solutions is high and three steps of fine-tuning already lower it."""
+    out = tmp_path / "dft"
+    r = run_cli(str(REPO_ROOT / "train.py"), "--loss", "dft", "--max-steps", "3", "--report-problems", "5",
+                "--eval-every", "0", "--no-progress", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "summary.json").read_text())
+    assert report["data"] == "lab:test" and report["report_problems"] == 5
+    before, after = report["before"], report["after"]
+    assert set(before) == set(after) == {"eval_nll", "greedy_accuracy"}
+    assert after["eval_nll"] < before["eval_nll"]
+    for figures in (before, after):
+        assert figures["greedy_accuracy"] * 5 == pytest.approx(round(figures["greedy_accuracy"] * 5))  # k of 5
+    assert "what changed on lab:test:" in r.stdout and "held-out NLL" in r.stdout
+    assert json.loads((out / "summary_before.json").read_text()) == before
+
+
 def test_sft_vs_dft_experiment_quick_run(tmp_path: Path):
     out = tmp_path / "exp"
     r = run_cli(str(REPO_ROOT / "experiments/sft_vs_dft.py"), "--quick", "--out", str(out), cwd=tmp_path)

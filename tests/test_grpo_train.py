@@ -200,6 +200,23 @@ def test_a_short_grpo_run_raises_its_reward(tiny_lab_model, tmp_path, digits_rew
     assert "reward_my_rewards.digits" in rows_of(out)[0]
 
 
+def test_grpo_reports_greedy_and_sampled_accuracy_before_and_after(tiny_lab_model, tmp_path, capsys):
+    """The held-out eval of an online run: greedy accuracy and avg@k of --eval-samples completions at --temperature,
+    logged at step 0 (the report's "before") and at the end (its "after"), on every --eval-data prompt."""
+    out = tmp_path / "run"
+    train.train(train.parse_args(flags(tiny_lab_model, out, "--max-steps", "1", "--batch-size", "2",
+                                       "--eval-samples", "3", "--max-examples", "6")))
+    evals = rows_of(out, evals=True)
+    assert [e["step"] for e in evals] == [0, 1]
+    report = json.loads((out / "summary.json").read_text())
+    for ev, figures in zip(evals, (report["before"], report["after"])):
+        assert ev["eval_prompts"] == 6
+        assert set(figures) == {"eval_reward", "eval_accuracy", "eval_accuracy_sampled"}
+        assert figures == {k: ev[k] for k in figures}
+        assert figures["eval_accuracy_sampled"] * 18 == pytest.approx(round(figures["eval_accuracy_sampled"] * 18))
+    assert "accuracy (avg@3, temperature 1)" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- rejection sampling
 
 def test_rejection_split_by_hand():
