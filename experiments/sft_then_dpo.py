@@ -11,7 +11,9 @@ Paper 000's four rows, each scored on held-out preference pairs:
     4. DPO from SFT         train.py --loss dpo --model SFT (reference = SFT, as paper 004: "pi_ref is our SFT model")
 Scores (eval.py --metric preference): paper 000's Eq. 4 accuracy (log pi(y_w|x) > log pi(y_l|x) over the response
 tokens), its length-normalised variant, and for the DPO rows the implicit-reward accuracy against their own
-reference. Mean +- std over seeds (the base row has no seed).
+reference; on the lab also greedy accuracy on held-out problems (--solve-limit), since the lab's pairs (a correct
+solution against the same solution with one arithmetic slip) are easy for any model that can add, so preference
+accuracy alone saturates there. Mean +- std over seeds (the base row has no seed).
 
 Writes to --out:
   results.md / results.json   the table
@@ -42,7 +44,8 @@ PAPER = {"model": "Qwen/Qwen2.5-0.5B", "sft_data": "HuggingFaceTB/smoltalk", "sf
          "pref_data": "trl-lib/ultrafeedback_binarized", "pref_split": "train", "eval_data":
          "trl-lib/ultrafeedback_binarized", "eval_split": "test", "prompts": "trl-lib/ultrafeedback_binarized",
          "prompts_split": "test", "max_len": 256, "sft_lr": 5e-5, "dpo_lr": 5e-6, "sft_steps": 1000,
-         "dpo_steps": 1000, "batch_size": 8, "max_new_tokens": 256}
+         "dpo_steps": 1000, "batch_size": 8, "max_new_tokens": 256,
+         "solve_limit": 0}  # UltraFeedback prompts have no reference answer to solve
 RUNS = {"sft": "SFT", "dpo_base": "DPO from the base (no SFT)", "dpo_sft": "DPO from SFT"}
 
 
@@ -71,6 +74,17 @@ def score(model: str, ref: str | None, args, out: Path, tag: str) -> dict:
     result = evaluation.run(evaluation.parse_args(flags))["results"][model]
     keys = ["accuracy", "accuracy_length_normalized"] + (["reward_accuracy"] if ref else [])
     return {k: result[k] for k in keys} | {"pairs": result["pairs"]}
+
+
+def solve(model: str, args, out: Path, tag: str) -> dict:
+    """Greedy accuracy on the first --solve-limit held-out problems (eval.py --metric accuracy, k 1, temperature 0):
+    whether the model answers in the chat format at all, which preference accuracy alone does not show."""
+    if not args.solve_limit:
+        return {}
+    flags = ["--metric", "accuracy", "--model", model, "--data", args.solve_data, "--split", args.prompts_split,
+             "--k", "1", "--temperature", "0", "--limit", str(args.solve_limit), "--max-new-tokens",
+             str(args.max_new_tokens), "--out", str(out / f"solve_{tag}.json")]
+    return {"solve_accuracy": evaluation.run(evaluation.parse_args(flags))["results"][model]["avg@1"]}
 
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
@@ -131,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-split", default="test", help="split of a directory or hub --eval-data")
     ap.add_argument("--prompts", default="lab:test:prompt", help="held-out prompts answered side by side")
     ap.add_argument("--prompts-split", default="test", help="split of a directory or hub --prompts")
+    ap.add_argument("--solve-data", default="lab:test:prompt",
+                    help="held-out problems with answers for the greedy-accuracy column (default lab:test:prompt)")
+    ap.add_argument("--solve-limit", type=Range(int, low=0), default=100,
+                    help="problems of --solve-data solved greedily per model, >= 0 (default 100; 0: no such column)")
     ap.add_argument("--n-prompts", type=POSITIVE_INT, default=3, help="prompts in responses.md, >= 1 (default 3)")
     ap.add_argument("--loss", default="dpo", choices=["dpo", "minor_dpo"], help="the preference objective")
     ap.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run of each training per seed")
@@ -154,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
             setattr(args, key, value)
     if args.quick:
         args.seeds, args.sft_steps, args.dpo_steps, args.batch_size = args.seeds[:1], 3, 3, 4
-        args.eval_limit, args.n_prompts, args.max_new_tokens = 8, 1, 16
+        args.eval_limit, args.n_prompts, args.max_new_tokens, args.solve_limit = 8, 1, 16, 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        table: dict[str, list[dict]] = {"base": [score(args.model, None, args, out, "base")]}
+        table: dict[str, list[dict]] = {"base": [score(args.model, None, args, out, "base")
+                                                 | solve(args.model, args, out, "base")]}
         curves: dict[str, list[dict]] = {name: [] for name in RUNS}
         finals: dict[str, dict[int, Path]] = {name: {} for name in RUNS}
         for seed in args.seeds:
@@ -175,17 +194,21 @@ def main(argv: list[str] | None = None) -> None:
             for name, final in (("sft", sft), ("dpo_base", dpo_base), ("dpo_sft", dpo_sft)):
                 finals[name][seed] = final
                 curves[name].append(read_curves(final.parent))
-            table.setdefault("sft", []).append(score(str(sft), None, args, out, f"sft_seed{seed}"))
-            table.setdefault("dpo_base", []).append(score(str(dpo_base), args.model, args, out, f"dpo_base_seed{seed}"))
-            table.setdefault("dpo_sft", []).append(score(str(dpo_sft), str(sft), args, out, f"dpo_sft_seed{seed}"))
+            for name, final, ref in (("sft", sft, None), ("dpo_base", dpo_base, args.model),
+                                     ("dpo_sft", dpo_sft, str(sft))):
+                tag = f"{name}_seed{seed}"
+                table.setdefault(name, []).append(score(str(final), ref, args, out, tag)
+                                                  | solve(str(final), args, out, tag))
         seed0 = args.seeds[0]
         responses = side_by_side({"base": args.model, **{RUNS[n]: str(finals[n][seed0]) for n in RUNS}}, args, out)
     except UserError as e:
         sys.exit(f"error: {e}")
 
     names = {"base": "base", **RUNS}
-    columns = ["accuracy", "accuracy_length_normalized", "reward_accuracy"]
-    headers = ["preference accuracy (Eq. 4)", "length-normalised accuracy", "reward accuracy vs its reference"]
+    columns = ["accuracy", "accuracy_length_normalized", "reward_accuracy", "solve_accuracy"]
+    headers = ["preference accuracy (Eq. 4)", "length-normalised accuracy", "reward accuracy vs its reference",
+               f"greedy accuracy ({args.solve_limit} of {args.solve_data})"][:4 if args.solve_limit else 3]
+    columns = columns[:len(headers)]
     pairs = table["base"][0]["pairs"]
     lines = [f"{args.model}; SFT {args.sft_steps} steps on {args.sft_data} (lr {args.sft_lr}); {args.loss} "
              f"{args.dpo_steps} steps on {args.pref_data} (lr {args.dpo_lr}, beta {args.beta}); {args.batch_size} per "
