@@ -24,6 +24,7 @@ from losses.minor_dpo import minor_dpo_loss
 from losses.grpo import grpo_loss
 from losses.minor_sft import minor_sft_loss
 from losses.sft import sft_loss
+from losses.sft_length import sft_length_loss
 from losses.sft_dpo import sft_dpo_loss
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
@@ -34,6 +35,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "dpo": dpo_loss,
     "minor_dpo": minor_dpo_loss,
     "grpo": grpo_loss,
+    "sft_length": sft_length_loss,
 }
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
@@ -48,6 +50,10 @@ PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
 # dataset's replies.
 ONLINE: set[str] = {"grpo"}
 
+# Objectives trained on the dataset's replies AND on completions of the same prompts sampled from the policy during
+# training (train.py's length-sample block adds them to each micro-batch, with `sample_of` and `length_target`).
+WITH_SAMPLES: set[str] = {"sft_length"}
+
 
 def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     """The entries of `hparams` (e.g. all loss flags of the command line) that objective `name` accepts."""
@@ -55,5 +61,5 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "LossOutput", "SFT_NORMS",
-           "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "WITH_SAMPLES", "LossOutput",
+           "SFT_NORMS", "hparams_for"]
