@@ -4,7 +4,8 @@ A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of p
 float32 is log pi_theta of each target token (with grad, computed by `losses/logprobs.py`), `mask` (B, T) is 1 on
 trained tokens, and `batch` carries `sequence_ids` (B, T) (which sequence each position belongs to, -1 on padding;
 several sequences may share a packed row), `num_sequences`, and for the objectives in `NEEDS_REFERENCE` the reference
-model's `ref_logps` (B, T); for `PREFERENCE_LOSSES` also `chosen_seq` and `rejected_seq` (P,). Hparams are
+model's `ref_logps` (B, T); for `PREFERENCE_LOSSES` also `chosen_seq` and `rejected_seq` (P,); for `WITH_SAMPLES`,
+on steps with samples, `sample_of` and `length_target` (N,) (losses/sft_length.py). Hparams are
 keyword-only and each function takes only its own (see its signature; `hparams_for` picks them out of a larger dict).
 It returns `LossOutput(loss_sum, count, metrics)`: `loss_sum` is a SUM over `count` units (tokens, sequences, or
 preference pairs), never a mean, and the training loop divides the sum of `loss_sum` over all
