@@ -45,7 +45,8 @@ from data.preference import SPANS, collate_pairs, flatten, tokenize_preference_r
 from data.rewards import REWARD_OPTIONS, Completion, build_rewards
 from data.rewards import score as score_rewards
 from data.tokenizer import load_tokenizer
-from losses import DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, hparams_for
+from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
+                    hparams_for)
 from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS, group_advantages
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
 from model import UserError, default_device, load_model, recover_interrupted_saves, save_model
@@ -61,8 +62,9 @@ def build_parser() -> Parser:
     g.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=None,
                    help="beta of " + loss_defaults("beta") + "; grpo's KL coefficient may be 0 (no reference model "
                    "is loaded), every other objective's must be > 0")
-    g.add_argument("--sft-norm", choices=SFT_NORMS, default="token",
-                   help="sft/dft: mean over the step's tokens, or per sequence (mean or sum), then over sequences")
+    g.add_argument("--sft-norm", choices=SFT_NORMS, default=None,
+                   help="sft/dft/sft_length: mean over the step's tokens, or per sequence (mean or sum), then over "
+                   "sequences (default: token; sft_length: sequence_sum, paper 004's Eq. 2)")
     g.add_argument("--length-normalized-ratio", action="store_true",
                    help="minor_sft: per-token mean log-ratio instead of the sequence sum")
     g.add_argument("--ref-model", default=None,
@@ -81,9 +83,11 @@ def build_parser() -> Parser:
     g.add_argument("--keep-ties", action="store_true",
                    help="dpo/minor_dpo: keep pairs whose score_chosen == score_rejected (default: drop and count)")
 
-    g = ap.add_argument_group("rollouts and rewards (--loss grpo; see losses/grpo.py, data/rewards.py)")
+    g = ap.add_argument_group("rollouts and rewards (--loss grpo, and sft_length's samples; see losses/grpo.py, "
+                              "losses/sft_length.py, data/rewards.py)")
     g.add_argument("--num-generations", type=Range(int, low=2), default=8, help="completions sampled per prompt, G (>= 2; "
-                   "default 8). A step has --batch-size x --grad-accum prompts, a micro-batch --batch-size of them")
+                   "default 8). A step has --batch-size x --grad-accum prompts, a micro-batch --batch-size of them. "
+                   "sft_length: the k samples per reply of its length penalty")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
                    help="longest completion in tokens (>= 1; default 512, lab 96)")
     g.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="sampling temperature (> 0; default 1.0)")
@@ -112,7 +116,11 @@ def build_parser() -> Parser:
     g.add_argument("--length-target", type=NON_NEGATIVE_INT, default=256, help="length reward: tokens allowed before the "
                    "penalty starts (>= 0; default 256)")
     g.add_argument("--length-coef", type=NON_NEGATIVE_FLOAT, default=0.001,
-                   help="length reward: lambda of -lambda max(0, len - target)^2 (>= 0; default 0.001, paper 004)")
+                   help="length reward: lambda of -lambda max(0, len - target)^2; sft_length: lambda of its penalty "
+                   "lambda E[max(0, len(sample) - len(reply))^2] (>= 0; default 0.001, paper 004)")
+    g.add_argument("--length-penalty-every", type=POSITIVE_INT, default=None,
+                   help="sft_length: draw --num-generations samples per reply, and apply the length penalty, on "
+                   "every N-th step only (>= 1; default 1: every step; paper 004 used 100)")
     g.add_argument("--eval-samples", type=NON_NEGATIVE_INT, default=4,
                    help="held-out evaluation: completions sampled per prompt at --temperature, scored as avg@k, the "
                    "accuracy the rollouts optimise (>= 0; default 4; 0: greedy accuracy only)")
@@ -194,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_rollout_flags(ap, args)
     elif args.beta == 0:
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
+    check_length_sample_flags(ap, args)
     if args.min_lr > args.lr:
         refuse(ap, "--min-lr", f"{args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from --lr down to it.")
     problem = output_problem(args.out, want_dir=True)
@@ -267,8 +276,12 @@ def apply_defaults(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS.items():  # flags the lab table leaves out
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = ONLINE_DEFAULTS["max_new_tokens"]
+    if args.max_new_tokens is None:  # sft_length samples like grpo: the lab's replies are short
+        args.max_new_tokens = (LAB_ONLINE_DEFAULTS if lab and args.loss in WITH_SAMPLES else ONLINE_DEFAULTS)[
+            "max_new_tokens"]
+    if args.sft_norm is None:  # the objective's own reduction (sft_length's is paper 004's per-sequence sum)
+        own = inspect.signature(LOSSES[args.loss]).parameters.get("sft_norm")
+        args.sft_norm = own.default if own else None
     if args.reward is None:
         args.reward = ["accuracy"]
     if args.out is None:
@@ -351,7 +364,7 @@ def loss_hparams(args: argparse.Namespace) -> dict:
     flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
              "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
              "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
-             "agg_constant": float(args.max_new_tokens)}
+             "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
 
 
@@ -606,6 +619,69 @@ def evaluate_rollouts(model, examples: list[Example], rows, tok, rewards, eos: l
             out["eval_accuracy_sampled"] = accuracy(complete(args.temperature, args.eval_samples), args.eval_samples)
     model.train()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Length samples (--loss sft_length, losses/sft_length.py): on a penalty step each micro-batch holds its dataset
+# examples followed by --num-generations completions of each example's prompt, sampled by the current policy with
+# the same batched generate() as the rollouts. The loss tells them apart by batch["sample_of"].
+
+def check_length_sample_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    if args.loss not in WITH_SAMPLES:
+        if args.length_penalty_every is not None:
+            refuse(ap, "--length-penalty-every", f"applies only to --loss {', '.join(sorted(WITH_SAMPLES))}; drop it.")
+        return
+    if args.length_penalty_every is None:
+        args.length_penalty_every = 1
+    # The score-function estimator is unbiased only for samples of the policy itself.
+    for flag, value, plain in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
+                               ("--top-k", args.top_k, 0)):
+        if value != plain:
+            refuse(ap, flag, f"must stay {plain:g} for --loss {args.loss}: its penalty gradient needs samples of the "
+                   "policy itself (losses/sft_length.py, departure 5); drop it.")
+    if args.pack:
+        refuse(ap, "--pack", f"does not apply to --loss {args.loss} (each reply is batched with its samples); drop it.")
+    if args.mu != 1:
+        refuse(ap, "--mu", f"applies only to --loss grpo; --loss {args.loss} draws fresh samples for each update.")
+
+
+def last_reply(example: Example) -> tuple[list[int], int]:
+    """(prompt, len(y)) of an example: the ids before its last trained span (for a chat, up to and including the
+    last '<|im_start|>assistant\\n'), and that span's length (the last reply and its <|im_end|>)."""
+    mask = example.loss_mask
+    end = max(t for t, m in enumerate(mask) if m)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return example.input_ids[:max(start, 1)], end + 1 - max(start, 1)
+
+
+@torch.no_grad()
+def length_sample_batches(model, micro: list[list[Example]], tok, eos: list[int], args, device: str,
+                          generator: torch.Generator) -> tuple[list[dict], dict]:
+    """Micro-batches of examples -> the same micro-batches, each followed by k samples of each of its prompts, with
+    `sample_of` (N,) and `length_target` (N,). One generate() call for the whole step, so the samples do not depend
+    on how the step is split into micro-batches. Returns (micro-batches, metrics of the sampling)."""
+    t0 = time.perf_counter()
+    k = args.num_generations
+    replies = [last_reply(e) for m in micro for e in m]
+    completions = generate(model, [p for p, _ in replies], args.max_new_tokens, eos, 1.0, 0, 1.0, tok.pad_token_id,
+                           generator, num_samples=k)
+    eos_set = set(eos)
+    batches, first = [], 0
+    for examples in micro:
+        samples = [Example(replies[first + i][0] + c, [0] * len(replies[first + i][0]) + [1] * len(c), index=-1)
+                   for i in range(len(examples)) for c in completions[(first + i) * k:(first + i + 1) * k]]
+        batch = collate(list(examples) + samples, tok.pad_token_id)
+        n = len(examples)
+        batch["sample_of"] = torch.tensor([-1] * n + [i for i in range(n) for _ in range(k)])  # (N,)
+        batch["length_target"] = torch.tensor([0.0] * n + [float(replies[first + i][1]) for i in range(n)
+                                                          for _ in range(k)])  # (N,)
+        batches.append(batch)
+        first += n
+    return batches, {"time_generate": time.perf_counter() - t0,
+                     "truncated": float(np.mean([not (c and c[-1] in eos_set) for c in completions]))}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -969,8 +1045,12 @@ def train(args: argparse.Namespace) -> dict:
                 batches_mb = rollout
             else:
                 sampler_pack_len = args.max_len if args.pack and not preference else None
-                batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
-                              for micro in micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)]
+                micros = micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)
+                if args.loss in WITH_SAMPLES and step % args.length_penalty_every == 0:  # ---- length samples ----
+                    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+                    batches_mb, rollout_row = length_sample_batches(model, micros, tok, eos, args, device, generator)
+                else:
+                    batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table) for micro in micros]
         t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
@@ -1043,6 +1123,8 @@ def train(args: argparse.Namespace) -> dict:
             nll = f" nll {row['nll']:.4f}" if "nll" in row and args.loss != "sft" else ""
             reward = (f" reward {row['reward']:.3f} len {row['completion_len']:.0f} kl {row.get('kl', 0.0):.4f}"
                       if "reward" in row else "")
+            if "sample_len" in row:  # sft_length on a penalty step
+                reward = f" sample_len {row['sample_len']:.1f} penalty {row['length_penalty']:.4f}"
             print(f"step {step}/{total_steps} loss {loss:.4f}{nll}{reward} grad_norm {grad_norm:.3f} lr {lr:.2e} "
                   f"{row['tokens_per_s']:.0f} tok/s", flush=True)
         if bad_streak >= args.max_bad_steps:

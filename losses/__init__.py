@@ -4,7 +4,8 @@ A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of p
 float32 is log pi_theta of each target token (with grad, computed by `losses/logprobs.py`), `mask` (B, T) is 1 on
 trained tokens, and `batch` carries `sequence_ids` (B, T) (which sequence each position belongs to, -1 on padding;
 several sequences may share a packed row), `num_sequences`, and for the objectives in `NEEDS_REFERENCE` the reference
-model's `ref_logps` (B, T); for `PREFERENCE_LOSSES` also `chosen_seq` and `rejected_seq` (P,). Hparams are
+model's `ref_logps` (B, T); for `PREFERENCE_LOSSES` also `chosen_seq` and `rejected_seq` (P,); for `WITH_SAMPLES`,
+on steps with samples, `sample_of` and `length_target` (N,) (losses/sft_length.py). Hparams are
 keyword-only and each function takes only its own (see its signature; `hparams_for` picks them out of a larger dict).
 It returns `LossOutput(loss_sum, count, metrics)`: `loss_sum` is a SUM over `count` units (tokens, sequences, or
 preference pairs), never a mean, and the training loop divides the sum of `loss_sum` over all
@@ -24,6 +25,7 @@ from losses.minor_dpo import minor_dpo_loss
 from losses.grpo import grpo_loss
 from losses.minor_sft import minor_sft_loss
 from losses.sft import sft_loss
+from losses.sft_length import sft_length_loss
 from losses.sft_dpo import sft_dpo_loss
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {
@@ -34,6 +36,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "dpo": dpo_loss,
     "minor_dpo": minor_dpo_loss,
     "grpo": grpo_loss,
+    "sft_length": sft_length_loss,
 }
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
@@ -48,6 +51,10 @@ PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
 # dataset's replies.
 ONLINE: set[str] = {"grpo"}
 
+# Objectives trained on the dataset's replies AND on completions of the same prompts sampled from the policy during
+# training (train.py's length-sample block adds them to each micro-batch, with `sample_of` and `length_target`).
+WITH_SAMPLES: set[str] = {"sft_length"}
+
 
 def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     """The entries of `hparams` (e.g. all loss flags of the command line) that objective `name` accepts."""
@@ -55,5 +62,5 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "LossOutput", "SFT_NORMS",
-           "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "WITH_SAMPLES", "LossOutput",
+           "SFT_NORMS", "hparams_for"]

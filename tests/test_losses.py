@@ -67,7 +67,7 @@ def assert_metrics_close(actual: dict, expected: dict) -> None:
 # ---------------------------------------------------------------- registry and helpers
 
 def test_registry() -> None:
-    assert set(LOSSES) == {"sft", "dft", "minor_sft", "sft_dpo", "dpo", "minor_dpo", "grpo"}
+    assert set(LOSSES) == {"sft", "dft", "minor_sft", "sft_dpo", "dpo", "minor_dpo", "grpo", "sft_length"}
     assert NEEDS_REFERENCE == {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
     flags = {"sft_norm": "sequence_mean", "beta": 0.1, "length_normalized_ratio": True, "lr": 1e-5}
     assert hparams_for("sft", flags) == {"sft_norm": "sequence_mean"}
@@ -221,7 +221,8 @@ def test_sft_dpo_with_positive_ratio() -> None:
 
 def all_configs() -> list[tuple[str, dict]]:
     return ([("sft", {"sft_norm": n}) for n in SFT_NORMS] + [("dft", {"sft_norm": n}) for n in SFT_NORMS]
-            + [("minor_sft", {}), ("minor_sft", {"length_normalized_ratio": True}), ("sft_dpo", {})])
+            + [("minor_sft", {}), ("minor_sft", {"length_normalized_ratio": True}), ("sft_dpo", {})]
+            + [("sft_length", {"sft_norm": n}) for n in SFT_NORMS])  # a step without samples (see test_length_penalty)
 
 
 @pytest.mark.parametrize("name,hparams", all_configs())
