@@ -141,15 +141,19 @@ def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
     embedding, the final norm and the LM head, which the tied embedding shares). Mixed precision: on CUDA the
     all-gathered parameters are bf16 for compute while the sharded fp32 parameters stay the master weights that AdamW
     updates, and gradients are reduced in fp32; on CPU everything stays fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    cuda = torch.device(device).type == "cuda"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    kind = torch.device(device).type
+    # The model arrives in CPU memory; fully_shard moves each unit to the mesh's device (this rank's GPU, set by
+    # init) as it shards it, so a GPU holds one unit's whole weights at most, for a moment.
+    mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if kind == "cuda" else None, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The root stays gathered between forward and backward: the log-prob kernel reads lm_head.weight after
     # model(...) returns (losses/logprobs.py), and backward needs it again at once anyway.
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
 
 
@@ -178,7 +182,7 @@ def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimi
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process: read every shard
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
 
 

@@ -163,7 +163,7 @@ def build_parser() -> Parser:
                    "a whole copy on each; needs torchrun")
     g.add_argument("--dist-timeout", type=Range(int, low=1), default=1800,
                    help="seconds any collective may wait for the other ranks before this rank gives up and the job "
-                   "ends (>= 1; must cover the longest rank-0-only work, a checkpoint write)")
+                   "ends; it must cover the longest work rank 0 does alone, a checkpoint write")
 
     g = ap.add_argument_group("logging and checkpoints")
     g.add_argument("--out", type=output_dir, default=None, help="output directory (default: runs/LOSS)")
@@ -876,8 +876,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         # Under torchrun every rank meets the same error: rank 0 says it, the others just exit.
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
-    finally:
-        distributed.close()
+    # Only after a clean finish. After an error this process just exits and torchrun stops the other ranks
+    # (distributed.py); tearing the group down first would gain nothing.
+    distributed.close()
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -904,7 +905,9 @@ def train(args: argparse.Namespace) -> dict:
 
     # Data: rows -> token ids + loss masks.
     model_source = str(resume_dir) if resume_dir else args.model
-    model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
+    # fp32 master weights. Under --fsdp they are read into CPU memory and fully_shard moves each rank's shard to its
+    # device (distributed.shard_model), so no device ever holds the whole model.
+    model, model_dir = load_model(model_source, torch.float32, "cpu" if ranks.fsdp else device)
     tok = load_tokenizer(model_dir)
     rows = eval_rows = None
     if online:  # online objectives train on the prompts only (up to the assistant header); rollouts complete them
