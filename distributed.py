@@ -119,7 +119,8 @@ def sum_gradients(model: torch.nn.Module, ranks: Ranks) -> float:
 
     Data parallel: all-reduce (sum) each gradient, once per step; factor 1. A parameter without a gradient on this
     rank (none here, but a rank could skip a module) gets zeros first, so every rank issues the same collectives.
-    FSDP: the reduce-scatter already ran in backward and averaged over ranks; factor N turns the mean into the sum."""
+    FSDP: the reduce-scatter already ran in the step's last backward (train.py turns it off for the others) and
+    averaged over ranks; factor N turns the mean into the sum."""
     if not ranks.active:
         return 1.0
     if ranks.fsdp:

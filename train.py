@@ -1047,7 +1047,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         rollout_row: dict = {}
-        idle = False  # this rank has no micro-batch of its own this step (the last, short step of an epoch)
+        padding = 0  # --fsdp: 0-weight micro-batches that keep this rank in step with the others (see below)
         if online and rollout is not None and step % args.mu != 0:
             batches_mb = rollout  # update 2..mu on the same rollout batch (old log-probs computed before update 1)
         else:
@@ -1070,21 +1070,26 @@ def train(args: argparse.Namespace) -> dict:
                 sampler_pack_len = args.max_len if args.pack and not preference else None
                 micros = micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)
                 mine = distributed.my_share(micros, ranks, args.grad_accum)  # all of them in one process
-                if ranks.fsdp and not mine:  # FSDP's collectives need every rank in forward/backward: a 0-weight one
-                    mine, idle = micros[:1], True
-                batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table) for micro in mine]
+                if ranks.fsdp:  # FSDP's collectives pair up only if every rank runs as many forward/backward passes;
+                    padding = args.grad_accum - len(mine)  # the last, short step of an epoch leaves some ranks fewer
+                batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
+                              for micro in mine + micros[:1] * padding]
         t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
         # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step, summed over
         # the ranks), so gradient magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients
         # in range.
-        local_tokens = 0.0 if idle else float(sum(b["loss_mask"].sum() for b in batches_mb))
+        real = len(batches_mb) - padding
+        local_tokens = float(sum(b["loss_mask"].sum() for b in batches_mb[:real]))
         step_tokens = max(1.0, distributed.all_sum([local_tokens], ranks, device)[0])
         loss_sum, count, n_tokens, n_trained = 0.0, 0.0, 0, 0
         metric_sums: dict[str, list[float]] = {}
-        for batch in batches_mb:
+        for k, batch in enumerate(batches_mb):
             batch = to_device(batch, device)
+            idle = k >= real
+            if ranks.fsdp:  # reduce-scatter once per step, after the last micro-batch (FSDP keeps the rest unsharded)
+                model.set_requires_gradient_sync(k == len(batches_mb) - 1)
             with precision.autocast():
                 if online:  # the policy's entropy on the completions is logged (no gradient flows through it)
                     logps, entropy = sequence_logprobs(model, batch, args.chunk_size, with_entropy=True)  # (B, T)
