@@ -24,8 +24,12 @@ from model import KVCache, Qwen2ForCausalLM, UserError, default_device, load_mod
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy (argmax)."""
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy (argmax).
+
+    `generator` may be a list of P generators for B = P x k rows: rows i*k .. i*k + k - 1 draw from the i-th, so what
+    a prompt's samples are does not depend on which other prompts share the batch (GRPO under torchrun: each rank
+    samples its share of the prompts and gets the samples one process would)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (B, V)
@@ -40,6 +44,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        k = probs.shape[0] // len(generator)
+        return torch.cat([torch.multinomial(probs[i * k:(i + 1) * k], 1, generator=g)
+                          for i, g in enumerate(generator)]).squeeze(-1)  # (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
@@ -53,7 +61,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     pad_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     num_samples: int = 1,
 ) -> list[list[int]]:
@@ -66,7 +74,7 @@ def generate(
     num_samples > 1 (GRPO groups, avg@k): each prompt is prefilled once and its cache rows copied num_samples times
     before decoding; the result lists prompt 0's samples, then prompt 1's, ... A completion was cut off by the
     length limit exactly when it does not end with an eos id: callers tell truncation from the lengths, never by
-    looking for pad ids (Qwen2's pad and eos can be the same id).
+    looking for pad ids (Qwen2's pad and eos can be the same id). `generator`: one, or one per prompt (sample_next).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser,
                  Range, device_name, model_spec, output_dir, output_problem, refuse)
 from data.answers import check_answer, extract_answer, grade, prompt_and_answer, prompt_turns, reference_answer
@@ -49,7 +50,7 @@ from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LO
                     hparams_for)
 from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS, group_advantages
 from losses.logprobs import DEFAULT_CHUNK, sequence_logprobs
-from model import UserError, default_device, load_model, recover_interrupted_saves, save_model
+from model import Qwen2ForCausalLM, UserError, default_device, load_model, recover_interrupted_saves, save_model
 from sample import generate, generation_eos_ids
 
 STATE_FILE = "training_state.pt"
@@ -167,6 +168,14 @@ def build_parser() -> Parser:
                    help="tokens per chunk in the log-prob kernel")
     g.add_argument("--seed", type=SEED, default=0, help="seed of the data order, the holdout split and sampling")
 
+    g = ap.add_argument_group("several processes (launch with torchrun; see distributed.py)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of keeping "
+                   "a whole copy on each; needs torchrun")
+    g.add_argument("--dist-timeout", type=Range(int, low=1), default=1800,
+                   help="seconds any collective may wait for the other ranks before this rank gives up and the job "
+                   "ends; it must cover the longest work rank 0 does alone, a checkpoint write")
+
     g = ap.add_argument_group("logging and checkpoints")
     g.add_argument("--out", type=output_dir, default=None, help="output directory (default: runs/LOSS)")
     g.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=None, help="steps between evals (0: only at the end)")
@@ -203,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.beta == 0:
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
     check_length_sample_flags(ap, args)
+    if args.fsdp:
+        check_fsdp_flags(ap, args)
     if args.min_lr > args.lr:
         refuse(ap, "--min-lr", f"{args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from --lr down to it.")
     problem = output_problem(args.out, want_dir=True)
@@ -213,6 +224,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         refuse(ap, "--out", f"{args.out} already holds checkpoints of an earlier run ({', '.join(earlier)}); pass "
                f"--resume to continue it, or another --out (or delete {args.out}) to start over.")
     return args
+
+
+def check_fsdp_flags(ap, args) -> None:
+    """--fsdp combinations this code does not run (each flag's own range is checked by its declaration)."""
+    if not distributed.launched_by_torchrun():
+        refuse(ap, "--fsdp", "shards the model over several processes; launch with torchrun --nproc_per_node N "
+               "train.py ... --fsdp, or drop --fsdp for one process.")
+    if args.loss in ONLINE:
+        refuse(ap, "--fsdp", f"is not supported with --loss {args.loss} yet (rollout generation would need every "
+               "rank in step); drop --fsdp to train it data-parallel under torchrun.")
 
 
 def loss_defaults(hparam: str) -> str:
@@ -401,11 +422,16 @@ def reference_cache_path(ref_dir: Path, examples: list, chunk_size: int) -> Path
 
 @torch.no_grad()
 def precompute_reference(ref_model, examples: list, pad_id: int, batch_size: int, device: str,
-                         precision: Precision, chunk_size: int) -> dict[int, torch.Tensor]:
-    """Per example index: the reference's log-probs of its trained tokens, in order (fp32, on CPU)."""
+                         precision: Precision, chunk_size: int,
+                         ranks: distributed.Ranks = distributed.SINGLE) -> dict[int, torch.Tensor]:
+    """Per example index: the reference's log-probs of its trained tokens, in order (fp32, on CPU).
+
+    Under torchrun the batches are dealt out round-robin (each batch the same as one process would make, so the same
+    numbers), and every rank gets the whole table."""
     out: dict[int, torch.Tensor] = {}
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False):
+    starts = list(range(0, len(order), batch_size))[ranks.rank::ranks.world]
+    for s in tqdm(starts, desc="reference log-probs", leave=False, disable=not ranks.main):
         chunk = [examples[i] for i in order[s:s + batch_size]]
         batch = to_device(collate(chunk, pad_id), device)
         with precision.autocast():
@@ -413,25 +439,29 @@ def precompute_reference(ref_model, examples: list, pad_id: int, batch_size: int
         keep = batch["loss_mask"].bool()
         for row, ex in enumerate(chunk):
             out[ex.index] = logps[row][keep[row]].cpu()
+    if ranks.active:
+        out = {k: v for share in distributed.all_gather(out, ranks) for k, v in share.items()}
     return out
 
 
-def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: str, precision: Precision):
+def load_or_compute_reference(args, ref_spec: str, examples: list, tok, device: str, precision: Precision,
+                              ranks: distributed.Ranks = distributed.SINGLE):
     ref_model, ref_dir = load_model(ref_spec, torch.float32, device)
     if args.ref_mode == "live":
         return ref_model.requires_grad_(False), None
     path = reference_cache_path(ref_dir, examples, args.chunk_size)
-    if path.is_file():
+    if all(distributed.all_gather(path.is_file(), ranks)):  # every rank must take the same branch
         print(f"reference log-probs: reusing {path}")
         table = torch.load(path)
     else:
         print(f"reference log-probs: one pass of {ref_spec} over {len(examples)} examples -> {path}")
         table = precompute_reference(ref_model, examples, tok.pad_token_id, args.batch_size, device, precision,
-                                     args.chunk_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(table, tmp)
-        os.replace(tmp, path)
+                                     args.chunk_size, ranks)
+        if ranks.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(table, tmp)
+            os.replace(tmp, path)
     del ref_model
     return None, table
 
@@ -524,14 +554,20 @@ def prompt_examples(rows, tok, max_len: int, source: str = "", *, max_new_tokens
 
 @torch.no_grad()
 def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], rows, tok, rewards, eos: list[int],
-                 args, device: str, precision: Precision, generator: torch.Generator) -> tuple[list[dict], dict]:
+                 args, device: str, precision: Precision, seeds: list[int],
+                 ranks: distributed.Ranks = distributed.SINGLE) -> tuple[list[dict], dict]:
     """P prompts -> P x G completions -> rewards -> group advantages -> collated micro-batches of --batch-size
     prompts (x G completions), with each completion's advantage and keep flag, and, where needed, the old policy's
-    (mu > 1) and the reference's (beta > 0) log-probs. Returns (micro-batches, metrics of the rollout)."""
+    (mu > 1) and the reference's (beta > 0) log-probs. Returns (micro-batches, metrics of the rollout).
+
+    Prompt i's G samples are drawn with its own generator seeded by seeds[i], so they do not depend on how the
+    step's prompts are split into micro-batches or over ranks. Under torchrun `step_ids` is this rank's share (maybe
+    none); the metrics are of the whole step's rollouts, gathered from every rank."""
     t0 = time.perf_counter()
     G, chosen = args.num_generations, [prompts[i] for i in step_ids]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     completions = generate(model, [e.input_ids for e in chosen], args.max_new_tokens, eos, args.temperature,
-                           args.top_k, args.top_p, tok.pad_token_id, generator, num_samples=G)
+                           args.top_k, args.top_p, tok.pad_token_id, generators, num_samples=G) if chosen else []
     t1 = time.perf_counter()
     # Lengths decide everything: a completion is truncated iff it does not end with an eos id; its trained tokens
     # are exactly the generated ones (never found by comparing ids with the pad id, which may equal eos).
@@ -565,11 +601,18 @@ def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], 
         batches.append(batch)
     t3 = time.perf_counter()
 
-    scored = [r for r in totals if r is not None]
     lengths = [len(c) for c in completions]
+    group_std = table.std(1, unbiased=False).tolist()  # (P,)
+    zero_variance = zero_variance.tolist()
+    if ranks.active:  # the step's metrics are over every rank's prompts: concatenate the shares in rank order
+        shares = distributed.all_gather((totals, parts, lengths, truncated, group_std, zero_variance), ranks)
+        totals, lengths, truncated, group_std, zero_variance = (
+            [x for share in shares for x in share[i]] for i in (0, 2, 3, 4, 5))
+        parts = {name: [x for share in shares for x in share[1][name]] for name in shares[0][1]}
+    scored = [r for r in totals if r is not None]
     row = {"reward": float(np.mean(scored)) if scored else math.nan,
-           "reward_std": float(np.nanmean(table.std(1, unbiased=False).numpy())) if scored else math.nan,
-           "zero_variance_groups": float(zero_variance.float().mean()), "unscored": len(totals) - len(scored),
+           "reward_std": float(np.nanmean(group_std)) if scored else math.nan,
+           "zero_variance_groups": float(np.mean(zero_variance)), "unscored": len(totals) - len(scored),
            "completion_len": float(np.mean(lengths)), "completion_len_max": max(lengths),
            "truncated": float(np.mean(truncated)), "time_generate": t1 - t0, "time_score": t2 - t1,
            "time_logprobs": t3 - t2}
@@ -659,10 +702,11 @@ def last_reply(example: Example) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def length_sample_batches(model, micro: list[list[Example]], tok, eos: list[int], args, device: str,
-                          generator: torch.Generator) -> tuple[list[dict], dict]:
+                          generator: list[torch.Generator]) -> tuple[list[dict], dict]:
     """Micro-batches of examples -> the same micro-batches, each followed by k samples of each of its prompts, with
-    `sample_of` (N,) and `length_target` (N,). One generate() call for the whole step, so the samples do not depend
-    on how the step is split into micro-batches. Returns (micro-batches, metrics of the sampling)."""
+    `sample_of` (N,) and `length_target` (N,). One generate() call for all of them, each reply's k samples drawn with
+    its own generator (`generator`, one per reply), so the samples do not depend on how the step is split into
+    micro-batches or ranks. Returns (micro-batches, metrics of the sampling)."""
     t0 = time.perf_counter()
     k = args.num_generations
     replies = [last_reply(e) for m in micro for e in m]
@@ -702,15 +746,64 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, model, tok, model_dir: Path, args, train_state: dict | None) -> None:
+def save_checkpoint(out_dir: Path, model, tok, model_dir: Path, args, train_state: dict | None,
+                    ranks: distributed.Ranks = distributed.SINGLE, optimizer=None) -> None:
+    """Rank 0 writes the HF-layout directory (and the training state) atomically. Under --fsdp every rank takes part:
+    the full weights are gathered to rank 0, and AdamW's sharded state is written by every rank as
+    torch.distributed.checkpoint files into OUT/step_N/optimizer/ (first under a temp name that an interrupted save
+    leaves for recover_interrupted_saves)."""
+    optim_tmp = out_dir.with_name(f".{out_dir.name}.tmp-optimizer")
+    if ranks.fsdp:
+        weights = distributed.full_state_dict(model, ranks)  # a collective: every rank calls it
+        if train_state is not None:
+            if ranks.main:
+                shutil.rmtree(optim_tmp, ignore_errors=True)
+            distributed.barrier(ranks)
+            distributed.save_sharded_optimizer(model, optimizer, str(optim_tmp))
+        if ranks.main:
+            model = plain_model(model.config, weights)
+
     def extras(tmp: Path) -> None:
         (tmp / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
+            if ranks.fsdp:
+                os.replace(optim_tmp, tmp / "optimizer")
 
-    if args.save_dtype == "bfloat16":
-        model = _cast_copy(model, torch.bfloat16)
-    save_model(model, out_dir, tokenizer=tok, source_dir=model_dir, extra_writer=extras)
+    if ranks.main:
+        if args.save_dtype == "bfloat16":
+            model = _cast_copy(model, torch.bfloat16)
+        save_model(model, out_dir, tokenizer=tok, source_dir=model_dir, extra_writer=extras)
+    distributed.barrier(ranks)  # nobody goes on (or resumes, or exits) before the checkpoint is whole
+
+
+def plain_model(config, weights: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
+    """An unsharded model around gathered CPU weights (FSDP's full state dict), for save_model."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    if config.tie_word_embeddings:
+        weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    model.load_state_dict(weights, strict=not config.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    return model
+
+
+def load_optimizer_state(model, optimizer, resume_dir: Path, state: dict, step_examples: int,
+                         ranks: distributed.Ranks) -> None:
+    """AdamW's state from a checkpoint: one state dict (written without --fsdp) or torch.distributed.checkpoint
+    shards in optimizer/ (written with --fsdp; they reshard to any number of ranks, or to one process)."""
+    saved = state.get("step_examples", step_examples)
+    if saved != step_examples:
+        raise UserError(f"--resume {resume_dir}: that run took {saved} examples per step and this one would take "
+                        f"{step_examples} (--batch-size x --grad-accum x ranks); set --grad-accum so the product is "
+                        f"{saved} again, or the data order and schedule would not continue.")
+    if (resume_dir / "optimizer").is_dir():
+        distributed.load_sharded_optimizer(model, optimizer, str(resume_dir / "optimizer"))
+    elif ranks.fsdp:
+        raise UserError(f"--resume {resume_dir} was written without --fsdp (one optimizer state for the whole "
+                        f"model); resume it without --fsdp.")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def _cast_copy(model, dtype):
@@ -883,18 +976,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        # Under torchrun every rank meets the same error: rank 0 says it, the others just exit.
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+    # Only after a clean finish. After an error this process just exits and torchrun stops the other ranks
+    # (distributed.py); tearing the group down first would gain nothing.
+    distributed.close()
 
 
 def train(args: argparse.Namespace) -> dict:
-    device = args.device or default_device()
+    # Under torchrun: join the process group (one device per rank); otherwise one process, ranks.active False.
+    ranks, device = distributed.init(args.device or default_device(), args.dist_timeout, args.fsdp)
     precision = Precision(device, args.dtype)
     online = args.loss in ONLINE
     if online:
         rewards = build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS})
     out = Path(args.out)
-    for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
-        print(f"{out}: {done} (left by an interrupted checkpoint write)")
+    if ranks.main:
+        for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
+            print(f"{out}: {done} (left by an interrupted checkpoint write)")
+    distributed.barrier(ranks)  # no rank looks for checkpoints while rank 0 tidies them
     if args.resume in ("auto", "latest"):
         finished = finished_run(out)
         if finished:
@@ -907,7 +1007,9 @@ def train(args: argparse.Namespace) -> dict:
 
     # Data: rows -> token ids + loss masks.
     model_source = str(resume_dir) if resume_dir else args.model
-    model, model_dir = load_model(model_source, torch.float32, device)  # fp32 master weights
+    # fp32 master weights. Under --fsdp they are read into CPU memory and fully_shard moves each rank's shard to its
+    # device (distributed.shard_model), so no device ever holds the whole model.
+    model, model_dir = load_model(model_source, torch.float32, "cpu" if ranks.fsdp else device)
     tok = load_tokenizer(model_dir)
     rows = eval_rows = None
     if online:  # online objectives train on the prompts only (up to the assistant header); rollouts complete them
@@ -938,7 +1040,8 @@ def train(args: argparse.Namespace) -> dict:
                 raise UserError(f"{where}: the accuracy reward needs a reference answer ('answer', a boxed solution "
                                 "or GSM8K's '#### N'); this row has none.")
 
-    step_examples = args.batch_size * args.grad_accum
+    # A step's examples (prompts for grpo, pairs for dpo) over all ranks: each rank trains --grad-accum micro-batches.
+    step_examples = args.batch_size * args.grad_accum * ranks.world
     preference = args.loss in PREFERENCE_LOSSES  # pairs are packed inside each micro-batch, never across (collate_step)
     sampler = BatchSampler(examples, step_examples, seed=args.seed,
                            pack_len=args.max_len if args.pack and not preference else None)
@@ -953,7 +1056,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.loss in NEEDS_REFERENCE:
         ref_spec = args.ref_model or args.model
         ref_examples = flatten(examples) if preference else examples
-        ref_model, ref_table = load_or_compute_reference(args, ref_spec, ref_examples, tok, device, precision)
+        ref_model, ref_table = load_or_compute_reference(args, ref_spec, ref_examples, tok, device, precision, ranks)
     elif online and hparams.get("beta", 0.0) > 0:  # new completions every step: the reference runs live
         ref_model = load_model(args.ref_model or args.model, torch.float32, device)[0].requires_grad_(False)
     eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})  # a chat turn ends at <|im_end|>
@@ -961,12 +1064,14 @@ def train(args: argparse.Namespace) -> dict:
 
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
+    if ranks.fsdp:
+        distributed.shard_model(model, device)
     optimizer = make_optimizer(model, args, device)
     step, epoch, cursor, bad_streak, skipped = 0, 0, 0, 0, 0
     best_eval, evals_since_best = float("inf"), 0
     if resume_dir is not None:
         state = torch.load(resume_dir / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, resume_dir, state, step_examples, ranks)
         step, epoch, cursor = state["step"], state["epoch"], state["cursor"]
         bad_streak, skipped = state["bad_streak"], state["skipped"]
         best_eval, evals_since_best = state["best_eval"], state["evals_since_best"]
@@ -974,35 +1079,49 @@ def train(args: argparse.Namespace) -> dict:
             precision.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         rollout = state.get("rollout")
+        if rollout is not None:  # the whole step's saved rollout micro-batches: this rank takes its share again
+            rollout = distributed.my_share(rollout, ranks, args.grad_accum)
         print(f"resumed from {resume_dir} at step {step}")
-        truncate_metrics(out / "metrics.jsonl", step)
+        if ranks.main:
+            truncate_metrics(out / "metrics.jsonl", step)
     elif args.resume == "auto":
         print(f"--resume: no checkpoint in {out} yet, starting fresh")
 
-    out.mkdir(parents=True, exist_ok=True)
+    # Rank 0 writes every file of the run; the others compute the same evals (in step with it, as FSDP needs).
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     evaluate_fn = evaluate_pairs if preference else evaluate
     problems = [] if online else report_problems(args)  # online runs report their held-out eval (run_eval)
     before_file = out / "summary_before.json"  # kept across a resume: "before" is the run's starting model
     if resume_dir is None and not online:
         before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision)
-        before_file.write_text(json.dumps(before) + "\n")
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a" if resume_dir else "w")
+        if ranks.main:
+            before_file.write_text(json.dumps(before) + "\n")
+    if ranks.main:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    metrics_file = open(out / "metrics.jsonl", "a" if resume_dir else "w") if ranks.main else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {args.loss} on {len(examples)} examples: {total_steps} steps of {step_examples} "
-          f"({args.grad_accum} x {args.batch_size}), {n_params / 1e6:.1f}M parameters, {device}, "
+          f"({args.grad_accum} x {args.batch_size}" + (f" x {ranks.world} ranks" if ranks.active else "")
+          + f"), {n_params / 1e6:.1f}M parameters, {device}{', FSDP' if ranks.fsdp else ''}, "
           f"{str(precision.dtype).removeprefix('torch.')}")
 
     def state_now() -> dict:
-        return {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "cursor": cursor,
-                "bad_streak": bad_streak, "skipped": skipped, "best_eval": best_eval,
+        return {"optimizer": None if ranks.fsdp else optimizer.state_dict(), "step": step, "epoch": epoch,
+                "cursor": cursor, "bad_streak": bad_streak, "skipped": skipped, "best_eval": best_eval,
                 "evals_since_best": evals_since_best, "rng": rng_state(),
                 "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                "rollout": rollout if online and step % args.mu else None}
+                "rollout": gathered_rollout() if online and step % args.mu else None,
+                "step_examples": step_examples}
+
+    def gathered_rollout() -> list[dict]:  # every rank's rollout micro-batches, on the CPU, in rank order
+        mine = [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in rollout]
+        return [b for share in distributed.all_gather(mine, ranks) for b in share]
 
     def log(row: dict) -> None:
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
 
     def run_eval() -> dict:
         if online:
@@ -1012,15 +1131,19 @@ def train(args: argparse.Namespace) -> dict:
     def eval_loss(ev: dict) -> float:  # lower is better, for --patience
         if preference:  # the held-out preference error
             return 1.0 - ev["eval_preference_accuracy"]
-        return ev["eval_nll"] if "eval_nll" in ev else -ev.get("eval_accuracy_sampled", ev.get("eval_accuracy", ev["eval_reward"]))
+        if "eval_nll" in ev:
+            return ev["eval_nll"]
+        return -ev.get("eval_accuracy_sampled", ev.get("eval_accuracy", ev["eval_reward"]))
 
     if online and eval_examples and resume_dir is None:  # where the policy starts: logged, and the report's "before"
         start = run_eval()
         log({"step": 0, "eval": True, **start})
-        before_file.write_text(json.dumps({k: start[k] for k in ONLINE_REPORT if k in start}) + "\n")
+        if ranks.main:
+            before_file.write_text(json.dumps({k: start[k] for k in ONLINE_REPORT if k in start}) + "\n")
+    distributed.barrier(ranks)  # every rank reads the file rank 0 wrote
     before = json.loads(before_file.read_text()) if before_file.is_file() else {}
 
-    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=args.no_progress or not ranks.main, dynamic_ncols=True)
     batches = sampler.epoch_batches(epoch)
     last_row: dict = {}
     stop_reason = "reached --max-steps" if args.max_steps else "finished the epochs"
@@ -1030,6 +1153,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         rollout_row: dict = {}
+        padding = 0  # --fsdp: 0-weight micro-batches that keep this rank in step with the others (see below)
         if online and rollout is not None and step % args.mu != 0:
             batches_mb = rollout  # update 2..mu on the same rollout batch (old log-probs computed before update 1)
         else:
@@ -1039,28 +1163,48 @@ def train(args: argparse.Namespace) -> dict:
             step_batch = batches[cursor]
             cursor += 1
             if online:  # ---- rollouts: sampled completions of this step's prompts, scored, as micro-batches ----
-                generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-                rollout, rollout_row = make_rollout(model, ref_model, step_batch, examples, rows, tok, rewards, eos,
-                                                    args, device, precision, generator)
+                # Under torchrun each rank samples its share of the prompts; prompt k of the step always gets the
+                # same seed, so the samples are those of one process.
+                per_rank = args.batch_size * args.grad_accum
+                seeds = [int(np.random.SeedSequence([args.seed, step, k]).generate_state(1)[0])
+                         for k in range(len(step_batch))]
+                rollout, rollout_row = make_rollout(model, ref_model, distributed.my_share(step_batch, ranks, per_rank),
+                                                    examples, rows, tok, rewards, eos, args, device, precision,
+                                                    distributed.my_share(seeds, ranks, per_rank), ranks)
                 batches_mb = rollout
             else:
                 sampler_pack_len = args.max_len if args.pack and not preference else None
                 micros = micro_batches(step_batch, examples, args.batch_size, sampler_pack_len)
+                mine = distributed.my_share(micros, ranks, args.grad_accum)  # all of them in one process
+                if ranks.fsdp:  # FSDP's collectives pair up only if every rank runs as many forward/backward passes;
+                    padding = args.grad_accum - len(mine)  # the last, short step of an epoch leaves some ranks fewer
                 if args.loss in WITH_SAMPLES and step % args.length_penalty_every == 0:  # ---- length samples ----
-                    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
-                    batches_mb, rollout_row = length_sample_batches(model, micros, tok, eos, args, device, generator)
+                    # reply k of the step always gets the same seed, so the samples are those of one process
+                    first = sum(len(m) for m in micros[:ranks.rank * args.grad_accum])
+                    generators = [torch.Generator(device=device).manual_seed(
+                        int(np.random.SeedSequence([args.seed, step, k]).generate_state(1)[0]))
+                        for k in range(first, first + sum(len(m) for m in mine))]
+                    batches_mb, rollout_row = length_sample_batches(model, mine, tok, eos, args, device, generators)
+                    batches_mb += [collate_step(micro, args, tok.pad_token_id, ref_table) for micro in micros[:1] * padding]
                 else:
-                    batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table) for micro in micros]
+                    batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
+                                  for micro in mine + micros[:1] * padding]
         t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
-        # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step), so gradient
-        # magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients in range.
-        step_tokens = max(1.0, float(sum(b["loss_mask"].sum() for b in batches_mb)))
+        # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step, summed over
+        # the ranks), so gradient magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients
+        # in range.
+        real = len(batches_mb) - padding
+        local_tokens = float(sum(b["loss_mask"].sum() for b in batches_mb[:real]))
+        step_tokens = max(1.0, distributed.all_sum([local_tokens], ranks, device)[0])
         loss_sum, count, n_tokens, n_trained = 0.0, 0.0, 0, 0
         metric_sums: dict[str, list[float]] = {}
-        for batch in batches_mb:
+        for k, batch in enumerate(batches_mb):
             batch = to_device(batch, device)
+            idle = k >= real
+            if ranks.fsdp:  # reduce-scatter once per step, after the last micro-batch (FSDP keeps the rest unsharded)
+                model.set_requires_gradient_sync(k == len(batches_mb) - 1)
             with precision.autocast():
                 if online:  # the policy's entropy on the completions is logged (no gradient flows through it)
                     logps, entropy = sequence_logprobs(model, batch, args.chunk_size, with_entropy=True)  # (B, T)
@@ -1071,7 +1215,9 @@ def train(args: argparse.Namespace) -> dict:
                     with torch.no_grad():
                         batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
                 result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
-            (result.loss_sum * (precision.loss_scale / step_tokens)).backward()
+            (result.loss_sum * ((0.0 if idle else precision.loss_scale) / step_tokens)).backward()
+            if idle:
+                continue
             loss_sum += float(result.loss_sum.detach())
             count += float(result.count)
             n_tokens += int((batch["sequence_ids"] >= 0).sum())
@@ -1081,12 +1227,25 @@ def train(args: argparse.Namespace) -> dict:
                 acc[0] += s
                 acc[1] += c
 
+        if ranks.active:  # ---- the step's sums over all ranks: the normaliser, the loss, every metric ----
+            shares = distributed.all_gather((loss_sum, count, n_tokens, n_trained, metric_sums), ranks)
+            loss_sum, count, n_tokens, n_trained = (sum(share[i] for share in shares) for i in range(4))
+            metric_sums = {}
+            for share in shares:
+                for name, (s, c) in share[4].items():
+                    acc = metric_sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += s
+                    acc[1] += c
+        # Gradients summed over ranks, once per step (distributed.py); in one process nothing happens.
+        rank_factor = distributed.sum_gradients(model, ranks)
+
         # ---- one division per step: the mean over all of the step's tokens (or sequences) ----
-        scale = step_tokens / (max(count, 1.0) * precision.loss_scale)
+        scale = rank_factor * step_tokens / (max(count, 1.0) * precision.loss_scale)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")))
+        grad_norm = float(distributed.local_value(
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))))
         loss = loss_sum / max(count, 1.0)
         finite = math.isfinite(grad_norm) and math.isfinite(loss)
         # fp16: gradients that overflow at the current loss scale are the scaler's cue to halve it (several times at
@@ -1129,8 +1288,9 @@ def train(args: argparse.Namespace) -> dict:
                   f"{row['tokens_per_s']:.0f} tok/s", flush=True)
         if bad_streak >= args.max_bad_steps:
             stop_reason = f"{bad_streak} non-finite steps in a row"
-            print(f"stopping: the loss or gradient was non-finite {bad_streak} steps in a row; lower --lr or use "
-                  f"--dtype bfloat16/float32.", file=sys.stderr)
+            if ranks.main:  # stderr is not silenced on the other ranks: say it once
+                print(f"stopping: the loss or gradient was non-finite {bad_streak} steps in a row; lower --lr or "
+                      f"use --dtype bfloat16/float32.", file=sys.stderr)
             break
 
         if eval_examples and args.eval_every and step % args.eval_every == 0 and step < total_steps:
@@ -1149,8 +1309,9 @@ def train(args: argparse.Namespace) -> dict:
                 stop_reason = f"no eval improvement in {args.patience} evals"
                 break
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out / f"step_{step}", model, tok, model_dir, args, state_now())
-            prune_checkpoints(out, args.keep_last, step)
+            save_checkpoint(out / f"step_{step}", model, tok, model_dir, args, state_now(), ranks, optimizer)
+            if ranks.main:
+                prune_checkpoints(out, args.keep_last, step)
     bar.close()
 
     summary = {"steps": step, "skipped_steps": skipped, "stop_reason": stop_reason, **last_row}
@@ -1158,8 +1319,9 @@ def train(args: argparse.Namespace) -> dict:
         ev = run_eval()
         log({"step": step, "eval": True, **ev})
         summary.update(ev)
-    save_checkpoint(out / "final", model, tok, model_dir, args, None)  # weights only: continue with --model final
-    metrics_file.close()
+    save_checkpoint(out / "final", model, tok, model_dir, args, None, ranks)  # weights only: continue with --model final
+    if metrics_file is not None:
+        metrics_file.close()
     print(f"done ({stop_reason}): {step} steps, {skipped} skipped, final loss {last_row.get('loss', float('nan')):.4f}"
           + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if "eval_nll" in summary else "")
           + (f", eval accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "")
@@ -1168,7 +1330,8 @@ def train(args: argparse.Namespace) -> dict:
     if problems:
         after["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
     report = {"data": args.eval_data, "report_problems": len(problems), "before": before, "after": after}
-    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    if ranks.main:
+        (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     print_report(before, after, args, out / "summary.json")
     summary["before"], summary["after"] = before, after
     return summary

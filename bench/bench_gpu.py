@@ -1,0 +1,297 @@
+"""The GPU path measured: one SFT step at Qwen2.5-0.5B's shape, ours vs the reference stack, and GRPO-sized decoding.
+
+    python bench/bench_gpu.py                                   # needs a CUDA device; ~5 min on one H100
+    python bench/bench_gpu.py --skip trl decode --steps 5       # our SFT step and the plain reference step only
+    python bench/bench_gpu.py --peak-tflops 989                 # a device missing from PEAK_BF16_TFLOPS below
+
+Same random weights (written once by the reference implementation's `save_pretrained`, fp32) and the same batch for
+every stack: --batch rows of --seq-len random token ids, every token trained (so the LM head does the same work in
+each stack: our kernel skips untrained positions, which would flatter us on chat data).
+
+  ours       train.py's step: fp32 master weights, bf16 autocast, model -> losses.logprobs.sequence_logprobs (chunked,
+             never the full logits) -> losses.sft -> backward of the loss sum -> one division -> clip -> fused AdamW
+             (train.make_optimizer). --grad-checkpointing as train.py's flag.
+  reference  transformers Qwen2ForCausalLM (sdpa), fp32 master weights under the same bf16 autocast, its own loss
+             through `labels=`, the same clip and fused AdamW: what a plain HF training loop costs.
+  trl        TRL's SFTTrainer (bf16, the same batch size and length, no packing) when `trl` is installed; its step
+             time comes from a callback around each optimizer step.
+  decode     --prompts prompts x --samples samples (a GRPO step's rollouts), --new-tokens tokens each, sampled at
+             temperature 1 with no stop token so every row runs the full length, bf16 weights: sample.generate
+             (shared prefill, our KV cache) vs the reference's `generate(do_sample=True)`.
+
+Figures: tokens/s (median of --steps timed steps after --warmup), MFU = tokens/s x FLOPs per token / the device's
+dense bf16 peak, with FLOPs per token = 6 x (matmul parameters, the LM head included) + 12 x layers x hidden x
+seq-len (attention scores and values, PaLM's count; the recomputation of our kernel's backward is not counted), and
+peak memory (torch.cuda.max_memory_allocated) of each measurement. Goals (issue 12): >= 45% MFU, >= 1.5x TRL's
+tokens/s, <= 0.5x its peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.common import write_random_checkpoint  # noqa: E402
+from cli import POSITIVE_FLOAT, POSITIVE_INT, Parser, output_file  # noqa: E402
+
+DEFAULT_CONFIG = REPO_ROOT.parent / "shared" / "models" / "qwen2.5-0.5b" / "config.json"
+# Qwen2.5-0.5B's config.json, for machines without ../shared.
+QWEN25_05B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+              "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 151643,
+              "eos_token_id": 151643, "use_sliding_window": False, "sliding_window": 32768,
+              "max_window_layers": 24, "attention_dropout": 0.0, "torch_dtype": "bfloat16"}
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity), by device-name substring.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0}
+GIB = 2**30
+
+
+def build_parser() -> Parser:
+    ap = Parser(description=__doc__)
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG),
+                    help="config.json of the shape to measure (default: ../shared's Qwen2.5-0.5B, or the built-in copy)")
+    ap.add_argument("--batch", type=POSITIVE_INT, default=8, help="rows per SFT step")
+    ap.add_argument("--seq-len", type=POSITIVE_INT, default=2048, help="tokens per row")
+    ap.add_argument("--warmup", type=POSITIVE_INT, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=POSITIVE_INT, default=10, help="timed steps (median reported)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="ours: recompute each decoder block")
+    ap.add_argument("--prompts", type=POSITIVE_INT, default=8, help="decode: prompts per batch")
+    ap.add_argument("--samples", type=POSITIVE_INT, default=8, help="decode: samples per prompt")
+    ap.add_argument("--prompt-len", type=POSITIVE_INT, default=256, help="decode: prompt tokens")
+    ap.add_argument("--new-tokens", type=POSITIVE_INT, default=256, help="decode: tokens generated per sample")
+    ap.add_argument("--peak-tflops", type=POSITIVE_FLOAT, default=None,
+                    help="the device's dense bf16 peak in TFLOP/s (default: looked up by device name)")
+    ap.add_argument("--skip", nargs="*", choices=["ours", "reference", "trl", "decode"], default=[],
+                    help="measurements to leave out")
+    ap.add_argument("--json", type=output_file, default=None, help="also write the figures to this JSON file")
+    return ap
+
+
+def sync_time() -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(median seconds per step, peak GiB allocated) of `step()`."""
+    import torch
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = sync_time()
+        step()
+        times.append(sync_time() - t0)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / GIB
+
+
+def flops_per_token(config: dict, seq_len: int) -> float:
+    c, f, layers, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = c // config["num_attention_heads"] * config["num_key_value_heads"]
+    per_layer = c * c * 2 + c * kv * 2 + 3 * c * f  # q, o; k, v; gate, up, down
+    return 6 * (layers * per_layer + v * c) + 12 * layers * c * seq_len
+
+
+def sft_batch(batch: int, seq_len: int, vocab: int, device: str) -> dict:
+    import torch
+
+    from data.collate import collate
+    from data.datasets import Example
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, vocab, (seq_len,), generator=g).tolist() for _ in range(batch)]
+    examples = [Example(input_ids=ids, loss_mask=[1] * seq_len, index=i) for i, ids in enumerate(rows)]
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples, pad_id=0).items()}
+
+
+def measure_ours(model_dir: Path, a, batch: dict) -> tuple[float, float]:
+    import torch
+    from types import SimpleNamespace
+
+    from losses.logprobs import sequence_logprobs
+    from losses.sft import sft_loss
+    from model import load_model
+    from train import make_optimizer
+
+    model = load_model(model_dir, torch.float32, "cuda")[0].train()
+    model.gradient_checkpointing = a.grad_checkpointing
+    optimizer = make_optimizer(model, SimpleNamespace(weight_decay=0.0, lr=1e-5, adam_betas=(0.9, 0.999)), "cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps = sequence_logprobs(model, batch)  # (B, T)
+            out = sft_loss(logps.float(), batch["loss_mask"], batch)
+        (out.loss_sum / out.count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = timed(step, a.warmup, a.steps)
+    del model, optimizer
+    return result
+
+
+def measure_reference(model_dir: Path, a, batch: dict) -> tuple[float, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    labels = batch["input_ids"].clone()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=batch["input_ids"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = timed(step, a.warmup, a.steps)
+    del model, optimizer
+    return result
+
+
+def measure_trl(model_dir: Path, a, batch: dict, work: Path) -> tuple[float, float]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    ids = batch["input_ids"].cpu().tolist()
+    n = a.batch * (a.warmup + a.steps)
+    dataset = Dataset.from_dict({"input_ids": [ids[i % len(ids)] for i in range(n)]})
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = sync_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(sync_time() - self.t0)
+
+    config = SFTConfig(output_dir=str(work / "trl"), per_device_train_batch_size=a.batch, max_length=a.seq_len,
+                       max_steps=a.warmup + a.steps, bf16=True, learning_rate=1e-5, logging_steps=10**9,
+                       save_strategy="no", report_to=[], packing=False, dataset_num_proc=1,
+                       gradient_checkpointing=False, optim="adamw_torch_fused")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    SFTTrainer(model=model, args=config, train_dataset=dataset, callbacks=[StepTimer()]).train()
+    return statistics.median(times[a.warmup:]), torch.cuda.max_memory_allocated() / GIB
+
+
+def measure_decode(model_dir: Path, a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model import load_model
+    from sample import generate
+
+    g = torch.Generator().manual_seed(0)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = [torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
+    tokens = a.prompts * a.samples * a.new_tokens
+    out = {}
+
+    ours = load_model(model_dir, torch.bfloat16, "cuda")[0]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    seconds, peak = timed(lambda: generate(ours, prompts, a.new_tokens, [], 1.0, generator=gen,
+                                           num_samples=a.samples), 1, 3)
+    out["ours"] = {"tokens_per_s": tokens / seconds, "peak_gib": peak}
+    del ours
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    ids = torch.tensor(prompts, device="cuda").repeat_interleave(a.samples, 0)  # (P * k, prompt_len)
+
+    def ref_generate():
+        ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                     max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0)
+
+    seconds, peak = timed(ref_generate, 1, 3)
+    out["reference"] = {"tokens_per_s": tokens / seconds, "peak_gib": peak}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = build_parser().parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_gpu.py measures the CUDA path and no CUDA device is visible; run it on a GPU machine "
+                 "(bench/bench_train.py is the CPU benchmark).")
+    name = torch.cuda.get_device_name()
+    peak = a.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    config_path = Path(a.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not config_path.is_file():
+            config_path = work / "config.json"
+            config_path.write_text(json.dumps(QWEN25_05B))
+        config = json.loads(config_path.read_text())
+        model_dir = work / "model"
+        write_random_checkpoint(config_path, None, model_dir)
+        batch = sft_batch(a.batch, a.seq_len, config["vocab_size"], "cuda")
+        tokens = a.batch * a.seq_len
+        fpt = flops_per_token(config, a.seq_len)
+        report: dict = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "batch": a.batch,
+                        "seq_len": a.seq_len, "grad_checkpointing": a.grad_checkpointing, "sft": {}}
+        stacks = {"ours": lambda: measure_ours(model_dir, a, batch),
+                  "reference": lambda: measure_reference(model_dir, a, batch),
+                  "trl": lambda: measure_trl(model_dir, a, batch, work)}
+        for stack, run in stacks.items():
+            if stack in a.skip:
+                continue
+            try:
+                seconds, peak_gib = run()
+            except ImportError as e:  # trl (or datasets) not installed: say so, measure the rest
+                report["sft"][stack] = {"skipped": f"{type(e).__name__}: {e}"}
+                continue
+            tps = tokens / seconds
+            report["sft"][stack] = {"step_s": seconds, "tokens_per_s": tps, "peak_gib": peak_gib,
+                                    "mfu": tps * fpt / (peak * 1e12) if peak else None}
+            torch.cuda.empty_cache()
+        if "decode" not in a.skip:
+            report["decode"] = measure_decode(model_dir, a)
+
+    print(f"{name}, torch {torch.__version__}, {a.batch} x {a.seq_len} tokens, bf16 autocast"
+          + (f", peak {peak:g} TFLOP/s" if peak else ", peak unknown (pass --peak-tflops for MFU)"))
+    for stack, fig in report["sft"].items():
+        if "skipped" in fig:
+            print(f"  sft {stack:10s} skipped ({fig['skipped']})")
+            continue
+        mfu = f"{100 * fig['mfu']:.1f}% MFU" if fig["mfu"] is not None else "MFU n/a"
+        print(f"  sft {stack:10s} {fig['tokens_per_s']:10.0f} tokens/s  {mfu:>10s}  peak {fig['peak_gib']:.2f} GiB")
+    ours = report["sft"].get("ours", {})
+    for other in ("reference", "trl"):
+        theirs = report["sft"].get(other, {})
+        if "tokens_per_s" in ours and "tokens_per_s" in theirs:
+            print(f"  ours / {other}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
+                  f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory")
+    if "decode" in report:
+        d = report["decode"]
+        print(f"  decode {a.prompts} x {a.samples} x {a.new_tokens}: ours {d['ours']['tokens_per_s']:.0f} tokens/s, "
+              f"reference {d['reference']['tokens_per_s']:.0f} tokens/s "
+              f"({d['ours']['tokens_per_s'] / d['reference']['tokens_per_s']:.2f}x)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
