@@ -99,26 +99,38 @@ def generate(
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
     key_mask[:, prompt_len:] = 1
     # The decode steps' mask, built once and sliced: 0 where a key is real, -inf on left padding (B, 1, 1, S).
     decode_mask = torch.zeros(key_mask.shape, dtype=logits.dtype, device=device).masked_fill_(
         key_mask == 0, float("-inf"))[:, None, None, :] if padded else None
+    # Rows that finished are dropped from the batch once they are half of it (rollouts stop at very different
+    # lengths): `rows` maps the batch's rows to the output's. Rows do not see each other, so greedy tokens are the
+    # same as without dropping; sampled ones differ only in which uniform each row draws.
+    rows = torch.arange(B, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    steps = 0
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (b,)
         token = token.masked_fill(finished, pad_id)
-        out.append(token)
+        out[rows, step] = token
+        steps = step + 1
         if on_token is not None:
-            on_token(token)
+            on_token(out[:, step])
         finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        n_finished = int(finished.sum())
+        if step == max_new_tokens - 1 or n_finished == len(finished):
             break
+        if 2 * n_finished >= len(finished):
+            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            cache.reorder(keep)
+            rows, token, next_pos, finished = rows[keep], token[keep], next_pos[keep], finished[keep]
+            decode_mask = decode_mask[keep] if padded else None
         end = prompt_len + step + 1
         logits = model(token[:, None], position_ids=next_pos, cache=cache,
                        attention_mask=decode_mask[..., :end] if padded else None)[:, -1]
         next_pos = next_pos + 1
 
-    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]  # (B, steps)
+    tokens = out[:, :steps].tolist()  # (B, steps)
     results = []
     eos_set = set(eos_ids)
     for row in tokens:
