@@ -24,12 +24,14 @@ from model import KVCache, Qwen2ForCausalLM, UserError, default_device, load_mod
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+                generator: torch.Generator | list[torch.Generator] | None = None, rows: torch.Tensor | None = None,
+                group: int | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V). temperature 0 is greedy (argmax).
 
-    `generator` may be a list of P generators for B = P x k rows: rows i*k .. i*k + k - 1 draw from the i-th, so what
-    a prompt's samples are does not depend on which other prompts share the batch (GRPO under torchrun: each rank
-    samples its share of the prompts and gets the samples one process would)."""
+    `generator` may be a list of P generators for P x k rows: rows i*k .. i*k + k - 1 draw from the i-th (see
+    `uniforms`; `rows` and `group` when some rows have left the batch), so what a prompt's samples are does not
+    depend on which other prompts share the batch (GRPO under torchrun: each rank samples its share of the prompts
+    and gets the samples one process would)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature  # (B, V)
@@ -43,15 +45,30 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
         drop_sorted = probs.cumsum(-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    if isinstance(generator, list):
-        k = probs.shape[0] // len(generator)
-        return torch.cat([torch.multinomial(probs[i * k:(i + 1) * k], 1, generator=g)
-                          for i, g in enumerate(generator)]).squeeze(-1)  # (B,)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # Inverse-CDF draw: the first token whose cumulative probability reaches u * total, u in (0, 1]. Exact (to the
+    # rounding of the cumsum) and one uniform per row; torch.multinomial draws an exponential per vocabulary entry,
+    # ~10x slower on CPU. A token of probability 0 has an empty interval and is never drawn: with u > 0 the target
+    # is > 0, and cdf is non-decreasing with cdf[-1] = total >= target, so `left` search lands on a token whose
+    # interval (cdf[i-1], cdf[i]] is non-empty.
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = uniforms(cdf.shape[0], cdf.device, generator, rows, group)  # (B, 1) in (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)  # (B,)
 
 
-@torch.no_grad()
+def uniforms(n: int, device: torch.device, generator: torch.Generator | list[torch.Generator] | None,
+             rows: torch.Tensor | None = None, group: int | None = None) -> torch.Tensor:
+    """n uniforms in (0, 1], (n, 1). With a list of P generators for a batch of P x k rows (k = `group`, default
+    n // P), generator i draws the k uniforms of rows i*k .. i*k + k - 1 at every step, whether those rows still
+    decode or not, and `rows` (n,) picks the rows still in the batch: a row's draw depends on its own prompt's
+    generator only, never on the other prompts or on when finished rows were dropped."""
+    if not isinstance(generator, list):
+        return 1.0 - torch.rand(n, 1, device=device, generator=generator)
+    k = group or n // len(generator)
+    draws = torch.cat([torch.rand(k, 1, device=device, generator=g) for g in generator])  # (P * k, 1)
+    return 1.0 - (draws if rows is None else draws[rows])
+
+
+@torch.inference_mode()
 def generate(
     model: Qwen2ForCausalLM,
     prompts: list[list[int]],
@@ -101,23 +118,38 @@ def generate(
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    out = []
     key_mask[:, prompt_len:] = 1
+    # The decode steps' mask, built once and sliced: 0 where a key is real, -inf on left padding (B, 1, 1, S).
+    decode_mask = torch.zeros(key_mask.shape, dtype=logits.dtype, device=device).masked_fill_(
+        key_mask == 0, float("-inf"))[:, None, None, :] if padded else None
+    # Rows that finished are dropped from the batch once they are half of it (rollouts stop at very different
+    # lengths): `rows` maps the batch's rows to the output's. Rows do not see each other, so greedy tokens are the
+    # same as without dropping; sampled ones differ only in which uniform each row draws.
+    rows = torch.arange(B, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, max_new_tokens)
+    steps = 0
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample_next(logits, temperature, top_k, top_p, generator, rows, num_samples)  # (b,)
         token = token.masked_fill(finished, pad_id)
-        out.append(token)
+        out[rows, step] = token
+        steps = step + 1
         if on_token is not None:
-            on_token(token)
+            on_token(out[:, step])
         finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        n_finished = int(finished.sum())
+        if step == max_new_tokens - 1 or n_finished == len(finished):
             break
+        if 2 * n_finished >= len(finished):
+            keep = (~finished).nonzero().squeeze(1)  # (b',)
+            cache.reorder(keep)
+            rows, token, next_pos, finished = rows[keep], token[keep], next_pos[keep], finished[keep]
+            decode_mask = decode_mask[keep] if padded else None
         end = prompt_len + step + 1
         logits = model(token[:, None], position_ids=next_pos, cache=cache,
-                       attention_mask=key_mask[:, :end] if padded else None)[:, -1]
+                       attention_mask=decode_mask[..., :end] if padded else None)[:, -1]
         next_pos = next_pos + 1
 
-    tokens = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]  # (B, steps)
+    tokens = out[:, :steps].tolist()  # (B, steps)
     results = []
     eos_set = set(eos_ids)
     for row in tokens:

@@ -81,6 +81,24 @@ def test_shared_prefill_samples_differ_within_a_group(tiny_lab_model):
     assert len(out) == 4 and len({tuple(o) for o in out}) > 1
 
 
+def test_a_prompts_samples_depend_on_its_own_generator_only(tiny_lab_model):
+    """One generator per prompt: prompt 1's samples are the same alone or batched with others, although rows finish
+    at different steps and generate() drops finished rows from the batch once they are half of it (so the batch's
+    composition changes midway). One token in eight ends a row, so lengths vary a lot. (Drawing uniforms only for the
+rows still in the batch fails this test: the draws of prompt 1 would then depend on when the others finished.)"""
+    model, _ = load_model(str(tiny_lab_model), torch.float32, "cpu")
+    prompts = [[5, 9, 200, 13], [7, 7], [300, 2, 4, 100, 8, 1]]
+    eos = list(range(0, 768, 8))
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = generate(model, prompts, 24, eos, temperature=1.0, num_samples=4, generator=generators([1, 2, 3]))
+    alone = generate(model, prompts[1:2], 24, eos, temperature=1.0, num_samples=4, generator=generators([2]))
+    assert together[4:8] == alone
+    assert len({len(c) for c in together}) > 2  # rows really stopped at different steps
+
+
 # ---------------------------------------------------------------- train.py's rollout block
 
 def test_grpo_steps_are_exact_under_accumulation_with_mu_and_kl(tiny_lab_model, tmp_path, digits_reward):
