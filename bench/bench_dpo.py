@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_random_checkpoint  # noqa: E402
+from cli import POSITIVE_INT, Parser, Range  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
 CONFIG = SHARED / "models" / "qwen2.5-0.5b" / "config.json"
@@ -159,13 +160,13 @@ def worker_trl(a) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--pairs", type=int, default=4, help="pairs per step (2x sequences)")
-    ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", default="ours,trl,trl,ours")
+    ap = Parser(description=__doc__)
+    ap.add_argument("--layers", type=POSITIVE_INT, default=4, help="decoder layers kept of the 0.5B config (>= 1)")
+    ap.add_argument("--pairs", type=POSITIVE_INT, default=4, help="pairs per step, 2x sequences (>= 1)")
+    ap.add_argument("--max-len", type=Range(int, low=16), default=256, help="tokens per sequence (>= 16)")
+    ap.add_argument("--steps", type=POSITIVE_INT, default=3, help="timed steps after one warm-up (>= 1)")
+    ap.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads of each worker (>= 1)")
+    ap.add_argument("--runs", default="ours,trl,trl,ours", help="workers to run in order, comma-separated")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
