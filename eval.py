@@ -47,7 +47,7 @@ import torch
 from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser, Range, device_name, model_spec,
                  output_file, output_problem, refuse)
 from data.collate import collate
-from data.datasets import detect_layout, load_rows, row_to_messages, tokenize_rows
+from data.datasets import detect_layout, load_rows, read_jsonl, row_to_messages, tokenize_rows
 from data.answers import DEFAULT_TIMEOUT_S, grade, normalize_answer, prompt_and_answer, reference_answer
 from data.lab import is_lab_spec
 from data.preference import collate_pairs, pair_messages, tokenize_preference_rows
@@ -149,22 +149,14 @@ def score_completions(args) -> tuple[dict, list[dict]]:
     if not path.is_file():
         raise UserError(f"--completions {path} does not exist.")
     verdicts, predictions, records = [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n} is not valid JSON ({e}).") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path} line {n}: a row must be a JSON object.")
+    for n, row in read_jsonl(path):
         completions = row.get("completion")
         completions = [completions] if isinstance(completions, str) else completions
         if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
-            raise UserError(f"{path} line {n}: 'completion' must be a string or a non-empty list of strings.")
+            raise UserError(f"{path}, line {n}: 'completion' must be a string or a non-empty list of strings.")
         ref = reference_answer({k: v for k, v in row.items() if k != "completion"})
         if ref is None:
-            raise UserError(f"{path} line {n}: no reference answer ('answer', '#### N' or a \\boxed{{}} in "
+            raise UserError(f"{path}, line {n}: no reference answer ('answer', '#### N' or a \\boxed{{}} in "
                             "'solution'); add one.")
         verdicts.append([])
         predictions.append([])

@@ -20,6 +20,7 @@ import torch
 
 from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, SEED, TOP_P, Parser, device_name, model_spec,
                  prompt_text, refuse)
+from data.datasets import read_jsonl
 from model import KVCache, Qwen2ForCausalLM, UserError, default_device, load_model
 
 
@@ -174,28 +175,22 @@ def read_prompts_file(path: str) -> list[dict]:
     if not p.is_file():
         raise UserError(f"--prompts-file {p} does not exist.")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {n} is not valid JSON ({e}).")
-        if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-            raise UserError(f"{p} line {n} needs a 'prompt' string or a 'messages' list.")
+    for n, row in read_jsonl(p):
+        if not ("prompt" in row or "messages" in row):
+            raise UserError(f"{p}, line {n} needs a 'prompt' string or a 'messages' list.")
         if "messages" in row:
             messages = row["messages"]
             if not (isinstance(messages, list) and messages and all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages)):
-                raise UserError(f"{p} line {n}: 'messages' must be a non-empty list of {{role, content}} objects.")
+                raise UserError(f"{p}, line {n}: 'messages' must be a non-empty list of {{role, content}} objects.")
             texts = [m["content"] for m in messages if m["role"] != "system"]
         elif isinstance(row["prompt"], str):
             texts = [row["prompt"]]
         else:
-            raise UserError(f"{p} line {n}: 'prompt' must be a string.")
+            raise UserError(f"{p}, line {n}: 'prompt' must be a string.")
         if not any(t.strip() for t in texts):
-            raise UserError(f"{p} line {n}: the prompt is empty; give some text to continue.")
+            raise UserError(f"{p}, line {n}: the prompt is empty; give some text to continue.")
         rows.append(row)
     if not rows:
         raise UserError(f"{p} holds no prompts.")

@@ -141,10 +141,11 @@ def _read_file(path: Path, split: str, rows: Rows) -> None:
         raise UserError(f"{path} is not a supported dataset file; convert it to .jsonl, .json or .parquet.")
 
 
-def _read_jsonl(path: Path, rows: Rows) -> None:
-    file_rows: list[dict] = []
-    line_numbers: list[int] = []
-    with path.open("rb") as f:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every non-blank line of a JSON-lines file. A line that is not UTF-8, not JSON or not a
+    JSON object ends in one sentence naming the file and the line."""
+    pairs: list[tuple[int, dict]] = []
+    with Path(path).open("rb") as f:
         for line_number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -164,9 +165,13 @@ def _read_jsonl(path: Path, rows: Rows) -> None:
                     f"{path}, line {line_number}: expected a JSON object per line, got a {type(row).__name__}; "
                     f"write each row as {{\"field\": value, ...}}."
                 )
-            file_rows.append(row)
-            line_numbers.append(line_number)
-    rows.add_file(path, file_rows, line_numbers)
+            pairs.append((line_number, row))
+    return pairs
+
+
+def _read_jsonl(path: Path, rows: Rows) -> None:
+    pairs = read_jsonl(path)
+    rows.add_file(path, [row for _, row in pairs], [n for n, _ in pairs])
 
 
 def _read_json(path: Path, split: str, rows: Rows) -> None:

@@ -71,7 +71,7 @@ def test_completions_file_is_graded_without_a_model(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "p", "answer": "1"}\n', "'completion' must be a string or a non-empty list"),
     ('{"prompt": "p", "completion": "x"}\n', "line 1: no reference answer"),
-    ('not json\n', "line 1 is not valid JSON"),
+    ("not json\n", "line 1: not valid JSON"),
 ])
 def test_bad_completion_files(tmp_path, content, message):
     data = tmp_path / "bad.jsonl"
