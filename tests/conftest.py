@@ -73,3 +73,30 @@ def tiny_qwen2_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen2(request: pytest.FixtureRequest) -> Path:
     """Both variants: a test using this runs once per variant."""
     return request.getfixturevalue(f"tiny_qwen2_{request.param}")
+
+
+# ---------------------------------------------------------------- a tiny model of the lab (GRPO and torchrun tests)
+
+LAB_IM_END = 536  # the lab tokenizer's <|im_end|>
+# Digits share of a completion's characters: a reward a random model can climb within a few steps by shifting mass
+# onto the 10 digit tokens. (The lab's own accuracy reward needs a model that already solves some problems.)
+DIGITS_REWARD = "def digits(completions, rows):\n    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n"
+
+
+def write_tiny_lab_model(directory: str | Path, eos_token_id: int | list[int] = LAB_IM_END) -> Path:
+    """A 2-layer Qwen2 with the lab's vocabulary and tokenizer, built by our own model code as the lab base is (no
+    reference implementation needed: nothing is compared with it)."""
+    from data.lab import LAB_TOKENIZER_DIR
+    from data.tokenizer import load_tokenizer
+    from experiments.build_lab_base import LAB_MODEL_CONFIG
+    from model import Qwen2Config, Qwen2ForCausalLM, save_model
+
+    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 2, "eos_token_id": eos_token_id})
+    model = Qwen2ForCausalLM(config).init_weights(std=0.1, seed=0)
+    return save_model(model, directory, tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_lab_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_lab_model(tmp_path_factory.mktemp("tiny_lab"))

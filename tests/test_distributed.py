@@ -24,15 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data.lab import LAB_TOKENIZER_DIR
-from data.tokenizer import load_tokenizer
-from experiments.build_lab_base import LAB_MODEL_CONFIG
-from model import Qwen2Config, Qwen2ForCausalLM, load_model, save_model
-from tests.conftest import REPO_ROOT
+from model import load_model
+from tests.conftest import DIGITS_REWARD, REPO_ROOT
 
-IM_END = 536  # the lab tokenizer's <|im_end|>
 STEPS = 4  # with a checkpoint at step 2 for the resume tests
-DIGITS_REWARD = "def digits(completions, rows):\n    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n"
 
 # What each objective trains on (lab layout: train/eval data files written by the `root` fixture), and the per-step
 # metrics that must agree (beyond loss, grad_norm and token counts).
@@ -43,14 +38,6 @@ OBJECTIVES = {
               "constant"], ":prompt", ("reward", "kl", "ratio", "completion_len", "entropy", "zero_variance_groups",
                                        "reward_std")),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "hidden_size": 64, "intermediate_size": 128,
-                                  "num_hidden_layers": 2, "eos_token_id": IM_END})
-    model = Qwen2ForCausalLM(config).init_weights(std=0.1, seed=0)
-    return save_model(model, tmp_path_factory.mktemp("tiny"), tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def assert_same_steps(ours: list[dict], ref: list[dict], keys: tuple[str, ...], 
 # ---------------------------------------------------------------- the runs (each once per module)
 
 @pytest.fixture(scope="module")
-def runs(tiny, root) -> dict:
+def runs(tiny_lab_model, root) -> dict:
     """Lazily made, so each test starts only the runs it compares."""
     made: dict[str, Path] = {}
 
@@ -146,12 +133,13 @@ def runs(tiny, root) -> dict:
         loss, kind = name.split("-")
         out = root / name
         if kind == "one":  # 1 process x 4 micro-batches
-            one_process(flags(tiny, out, loss, root, "--grad-accum", "2", "--save-every", "2"), root / f"cache-{name}")
+            one_process(flags(tiny_lab_model, out, loss, root, "--grad-accum", "2", "--save-every", "2"),
+                        root / f"cache-{name}")
         elif kind == "ddp":  # 2 processes x 2 micro-batches
-            ok(torchrun(*flags(tiny, out, loss, root, "--grad-accum", "1", "--save-every", "2"),
+            ok(torchrun(*flags(tiny_lab_model, out, loss, root, "--grad-accum", "1", "--save-every", "2"),
                         cache=root / f"cache-{name}"))
         elif kind == "fsdp":  # the same with FSDP2 (and activation checkpointing, which must not change a number)
-            ok(torchrun(*flags(tiny, out, loss, root, "--grad-accum", "1", "--save-every", "2", "--fsdp",
+            ok(torchrun(*flags(tiny_lab_model, out, loss, root, "--grad-accum", "1", "--save-every", "2", "--fsdp",
                                "--grad-checkpointing"), cache=root / f"cache-{name}"))
         made[name] = out
         return out
@@ -162,7 +150,7 @@ def runs(tiny, root) -> dict:
 # ---------------------------------------------------------------- 2 processes == 1 process with twice the accumulation
 
 @pytest.mark.parametrize("loss", ["sft", "dpo", "grpo"])
-def test_ddp_two_ranks_equal_one_process(runs, tiny, loss):
+def test_ddp_two_ranks_equal_one_process(runs, tiny_lab_model, loss):
     one, ddp = runs(f"{loss}-one"), runs(f"{loss}-ddp")
     ref = rows_of(one)
     assert len(ref) == STEPS and all(r["grad_norm"] > 0 for r in ref)
@@ -170,12 +158,12 @@ def test_ddp_two_ranks_equal_one_process(runs, tiny, loss):
     for a, b in zip(rows_of(ddp, evals=True), rows_of(one, evals=True)):  # the final eval, computed on every rank
         assert all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a if k != "step")
     assert max_weight_diff(ddp / "final", one / "final") <= 1e-6
-    assert max_weight_diff(one / "final", tiny) > 1e-3  # it trained
+    assert max_weight_diff(one / "final", tiny_lab_model) > 1e-3  # it trained
     if loss == "grpo":  # the samples differ within groups, so the step had a learning signal
         assert all(r["zero_variance_groups"] < 1 for r in ref)
 
 
-def test_fsdp_two_ranks_equal_one_process_and_load_in_the_reference(runs, tiny):
+def test_fsdp_two_ranks_equal_one_process_and_load_in_the_reference(runs, tiny_lab_model):
     """FSDP2 (each decoder block a unit, the root with the tied embedding / LM head) with activation checkpointing:
     the same steps; its checkpoint is an HF directory that the reference implementation loads with our logits."""
     from transformers import AutoModelForCausalLM
@@ -186,7 +174,7 @@ def test_fsdp_two_ranks_equal_one_process_and_load_in_the_reference(runs, tiny):
     assert (fsdp / "step_2" / "optimizer").is_dir() and not list(fsdp.glob(".*tmp*"))
 
     final = fsdp / "final"
-    assert sorted(weights(final)) == sorted(weights(tiny))  # the tied LM head is not stored twice
+    assert sorted(weights(final)) == sorted(weights(tiny_lab_model))  # the tied LM head is not stored twice
     ours = load_model(final, torch.float32, "cpu")[0]
     ref = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     ids = torch.randint(0, 768, (2, 13), generator=torch.Generator().manual_seed(0))
@@ -194,14 +182,14 @@ def test_fsdp_two_ranks_equal_one_process_and_load_in_the_reference(runs, tiny):
         assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-5
 
 
-def test_fsdp_dpo_two_ranks_equal_one_process(root, tiny):
+def test_fsdp_dpo_two_ranks_equal_one_process(root, tiny_lab_model):
     """Without clipping: under FSDP the gradient norm is summed shard by shard, a different order of fp32 additions
     (measured: 9e-7 relative at step 1 on this DPO run, 2.5e-6 by step 3, where clipping fed it back into the
     weights, 1.7e-6 apart after 4 steps). The norm itself is compared to 1e-5; loss and weights to 1e-6."""
     extra = ["--max-steps", "3", "--grad-clip", "0"]
     one, out = root / "dpo-one-noclip", root / "dpo-fsdp-noclip"
-    one_process(flags(tiny, one, "dpo", root, *extra, "--grad-accum", "2"), root / "cache-dpo-one-noclip")
-    ok(torchrun(*flags(tiny, out, "dpo", root, *extra, "--grad-accum", "1", "--fsdp"),
+    one_process(flags(tiny_lab_model, one, "dpo", root, *extra, "--grad-accum", "2"), root / "cache-dpo-one-noclip")
+    ok(torchrun(*flags(tiny_lab_model, out, "dpo", root, *extra, "--grad-accum", "1", "--fsdp"),
                 cache=root / "cache-dpo-fsdp-noclip"))
     ours, ref = rows_of(out), rows_of(one)
     assert_same_steps([{**r, "grad_norm": 0.0} for r in ours], [{**r, "grad_norm": 0.0} for r in ref],
@@ -210,12 +198,13 @@ def test_fsdp_dpo_two_ranks_equal_one_process(root, tiny):
     assert max_weight_diff(out / "final", one / "final") <= 1e-6
 
 
-def test_fsdp_short_last_step_of_an_epoch(root, tiny):
+def test_fsdp_short_last_step_of_an_epoch(root, tiny_lab_model):
     """10 examples, 8 per step: step 2 has 2, one micro-batch, so rank 0 trains 1 (and repeats it at weight 0) and
     rank 1 none (2 repeats at weight 0): FSDP's collectives still pair up, and the steps are one process's."""
     extra = ["--max-examples", "10", "--max-steps", "3", "--batch-size", "2"]
-    one_process(flags(tiny, root / "short-one", "sft", root, *extra, "--grad-accum", "4"), root / "cache-short")
-    ok(torchrun(*flags(tiny, root / "short-fsdp", "sft", root, *extra, "--grad-accum", "2", "--fsdp")))
+    one_process(flags(tiny_lab_model, root / "short-one", "sft", root, *extra, "--grad-accum", "4"),
+                root / "cache-short")
+    ok(torchrun(*flags(tiny_lab_model, root / "short-fsdp", "sft", root, *extra, "--grad-accum", "2", "--fsdp")))
     ref = rows_of(root / "short-one")
     short, full = sorted(r["trained_tokens"] for r in ref[:2])  # the sampler shuffles the order of the batches
     assert [r["epoch"] for r in ref] == [0, 0, 1] and short < full / 2
@@ -227,7 +216,7 @@ def test_fsdp_short_last_step_of_an_epoch(root, tiny):
 
 @pytest.mark.parametrize("written_by", ["ddp", "fsdp"])
 @pytest.mark.parametrize("resumed_by", ["2 ranks", "1 process"])
-def test_resume_from_two_ranks(runs, tiny, root, written_by, resumed_by):
+def test_resume_from_two_ranks(runs, tiny_lab_model, root, written_by, resumed_by):
     """Steps 3-4 after resuming from step_2 are the uninterrupted run's. FSDP's optimizer state (DCP shards) is
     resharded on load: to 2 FSDP ranks, or to one process without FSDP."""
     full = runs(f"sft-{written_by}")
@@ -235,19 +224,19 @@ def test_resume_from_two_ranks(runs, tiny, root, written_by, resumed_by):
     resume = ["--resume", str(full / "step_2")]
     if resumed_by == "2 ranks":
         extra = ["--fsdp"] if written_by == "fsdp" else []
-        ok(torchrun(*flags(tiny, out, "sft", root, "--grad-accum", "1", *resume, *extra)))
+        ok(torchrun(*flags(tiny_lab_model, out, "sft", root, "--grad-accum", "1", *resume, *extra)))
     else:
-        one_process(flags(tiny, out, "sft", root, "--grad-accum", "2", *resume), root / "cache-resume")
+        one_process(flags(tiny_lab_model, out, "sft", root, "--grad-accum", "2", *resume), root / "cache-resume")
     rows = rows_of(out)
     assert [r["step"] for r in rows] == [3, 4]
     assert_same_steps(rows, rows_of(full)[2:], OBJECTIVES["sft"][2])
     assert max_weight_diff(out / "final", full / "final") <= 1e-6
 
 
-def test_resume_with_another_step_size_is_refused(runs, tiny, root):
+def test_resume_with_another_step_size_is_refused(runs, tiny_lab_model, root):
     full = runs("sft-ddp")  # 2 ranks x 1 x 2 = 4 examples per step
     with pytest.raises(SystemExit) as exit_info:
-        train.main(flags(tiny, root / "bad-resume", "sft", root, "--grad-accum", "1", "--resume",
+        train.main(flags(tiny_lab_model, root / "bad-resume", "sft", root, "--grad-accum", "1", "--resume",
                          str(full / "step_2")))
     message = str(exit_info.value.code)
     assert "that run took 4 examples per step and this one would take 2" in message and "\n" not in message
@@ -255,30 +244,30 @@ def test_resume_with_another_step_size_is_refused(runs, tiny, root):
 
 # ---------------------------------------------------------------- refusals and failures
 
-def test_fsdp_refusals_at_parse_time(tiny, root, monkeypatch, capsys):
+def test_fsdp_refusals_at_parse_time(tiny_lab_model, root, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(flags(tiny, root / "x", "sft", root, "--fsdp"))
+        train.parse_args(flags(tiny_lab_model, root / "x", "sft", root, "--fsdp"))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: argument --fsdp: shards the model over several processes; "
                                               "launch with torchrun")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):  # as torchrun would set them
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit):
-        train.parse_args(flags(tiny, root / "x", "grpo", root, "--fsdp"))
+        train.parse_args(flags(tiny_lab_model, root / "x", "grpo", root, "--fsdp"))
     err = capsys.readouterr().err
     assert err.startswith("error: argument --fsdp: is not supported with --loss grpo") and err.count("\n") == 1
     assert not (root / "x").exists()
 
 
 @pytest.mark.parametrize("failure", ["dies", "hangs"])
-def test_a_failing_rank_ends_the_job(tiny, root, failure):
+def test_a_failing_rank_ends_the_job(tiny_lab_model, root, failure):
     """A reward that raises on rank 1 (its process dies: torchrun stops the others), or that never returns on rank 1
     (rank 0 waits in a collective until --dist-timeout, then gives up): either way the job ends, non-zero, soon."""
     action = "raise RuntimeError('rank 1 broke')" if failure == "dies" else "time.sleep(3600)"
     (root / f"bad_{failure}.py").write_text(
         "import os, time\n\ndef bad(completions, rows):\n    if os.environ['RANK'] == '1':\n"
         f"        {action}\n    return [0.0 for _ in completions]\n")
-    args = flags(tiny, root / f"fail-{failure}", "grpo", root, "--max-steps", "3", "--dist-timeout", "10")
+    args = flags(tiny_lab_model, root / f"fail-{failure}", "grpo", root, "--max-steps", "3", "--dist-timeout", "10")
     args[args.index("--reward") + 1] = f"{root / f'bad_{failure}.py'}:bad"
     result = torchrun(*args, timeout=300)  # a job that hung would be killed here, and the test fail
     assert result.returncode != 0

@@ -16,28 +16,11 @@ import pytest
 import torch
 
 import train
-from data.lab import LAB_TOKENIZER_DIR
-from experiments.build_lab_base import LAB_MODEL_CONFIG
-from data.tokenizer import load_tokenizer
-from model import Qwen2Config, Qwen2ForCausalLM, load_model, save_model
+from model import load_model
 from sample import generate
-from tests.conftest import REPO_ROOT
+from tests.conftest import DIGITS_REWARD, LAB_IM_END, REPO_ROOT
 
-IM_END = 536  # the lab tokenizer's <|im_end|>
-
-# Digits share of a completion's characters: a reward a random model can climb within a few steps by shifting mass
-# onto the 10 digit tokens. (The lab's own accuracy reward needs a model that already solves some problems.)
-DIGITS_REWARD = "def digits(completions, rows):\n    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_lab_model(tmp_path_factory) -> Path:
-    """Built by our own model code, as the lab base is (no reference implementation needed: nothing is compared
-    with it here)."""
-    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "hidden_size": 64, "intermediate_size": 128,
-                                  "num_hidden_layers": 2, "eos_token_id": IM_END})
-    model = Qwen2ForCausalLM(config).init_weights(std=0.1, seed=0)
-    return save_model(model, tmp_path_factory.mktemp("tiny_lab"), tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
+IM_END = LAB_IM_END
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import train
 from losses import LOSSES, SFT_NORMS, WITH_SAMPLES, hparams_for
 from losses.sft import sft_loss
 from losses.sft_length import sft_length_loss
-from tests.conftest import REPO_ROOT
+from tests.conftest import LAB_IM_END, REPO_ROOT, write_tiny_lab_model
 from tests.test_losses import GARBAGE, L, assert_close, run
 
 SAMPLE_LENS = (2, 3, 5)
@@ -325,21 +324,11 @@ def test_a_short_lab_run_logs_the_fields(tmp_path):
     assert "sample_len" in proc.stdout and any(r.get("eval") for r in rows)
 
 
-IM_END = 536  # the lab tokenizer's <|im_end|>
-
-
 @pytest.fixture(scope="module")
 def tiny_stopper(tmp_path_factory) -> Path:
     """A tiny random Qwen2 on the lab's tokenizer whose config lists 1 token in 8 as eos (besides <|im_end|>), so its
     samples stop after ~8 tokens at random: their lengths vary around the 2-3-token replies of `short_replies`."""
-    from data.lab import LAB_TOKENIZER_DIR
-    from data.tokenizer import load_tokenizer
-    from experiments.build_lab_base import LAB_MODEL_CONFIG
-    from model import Qwen2Config, Qwen2ForCausalLM, save_model
-    config = Qwen2Config.from_hf({**LAB_MODEL_CONFIG, "hidden_size": 64, "intermediate_size": 128,
-                                  "num_hidden_layers": 2, "eos_token_id": [IM_END, *range(100, 768, 8)]})
-    model = Qwen2ForCausalLM(config).init_weights(std=0.1, seed=0)
-    return save_model(model, tmp_path_factory.mktemp("tiny_stopper"), tokenizer=load_tokenizer(LAB_TOKENIZER_DIR))
+    return write_tiny_lab_model(tmp_path_factory.mktemp("tiny_stopper"), [LAB_IM_END, *range(100, 768, 8)])
 
 
 @pytest.fixture(scope="module")
