@@ -31,7 +31,6 @@ import multiprocessing
 import re
 import signal
 import threading
-from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 

@@ -154,7 +154,7 @@ class Attention(nn.Module):
         `mask` (B, 1, 1, S) is boolean (True = attend) or additive (0, or -inf for padding: generate builds it once,
         which saves the negation per layer and step)."""
         B, H, _, D = q.shape
-        K, S = k.shape[1], k.shape[2]
+        K = k.shape[1]  # k, v: (B, K, S, D)
         q = q.view(B, K, H // K, D) * D ** -0.5  # (B, K, H/K, D)
         scores = torch.matmul(q, k.transpose(-1, -2))  # (B, K, H/K, S)
         if mask is not None and mask.dtype == torch.bool:
