@@ -153,7 +153,10 @@ def worker_trl(a) -> dict:
                        precompute_ref_log_probs=True, beta=BETA, learning_rate=LR, lr_scheduler_type="constant",
                        max_steps=a.steps + 1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                        disable_dropout=True, dataloader_num_workers=0, max_grad_norm=1.0, warmup_steps=0,
-                       weight_decay=0.0)
+                       weight_decay=0.0,
+                       # TRL 1.x defaults to bf16 autocast and gradient checkpointing; on a CPU bf16 matmuls are
+                       # hundreds of times slower than fp32, and ours runs fp32 without checkpointing: match both.
+                       bf16=False, fp16=False, gradient_checkpointing=False)
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[Clock()])
     trainer.train()
     return {"n_params": n_params, "peak_rss": peak_rss(), "times": {"dpo": times[1:]}, "first_loss": losses[:1]}
