@@ -70,6 +70,7 @@ def uniforms(n: int, device: torch.device, generator: torch.Generator | list[tor
 
 
 @torch.inference_mode()
+@torch.compiler.set_stance("force_eager")  # blocks compiled for training (--compile) decode eagerly, hooks and all
 def generate(
     model: Qwen2ForCausalLM,
     prompts: list[list[int]],

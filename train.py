@@ -164,6 +164,9 @@ def build_parser() -> Parser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype; master weights stay fp32 (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder block for training (the first steps pay the compilation, and "
+                        "each new sequence shape can pay it again; sampling stays eager)")
     g.add_argument("--chunk-size", type=POSITIVE_INT, default=DEFAULT_CHUNK,
                    help="tokens per chunk in the log-prob kernel")
     g.add_argument("--seed", type=SEED, default=0, help="seed of the data order, the holdout split and sampling")
@@ -1066,6 +1069,9 @@ def train(args: argparse.Namespace) -> dict:
 
     model.gradient_checkpointing = args.grad_checkpointing
     model.train()
+    if args.compile:  # each block on its own, before sharding (a block is FSDP's unit); names and state dict unchanged
+        for layer in model.model.layers:
+            layer.compile()
     if ranks.fsdp:
         distributed.shard_model(model, device)
     optimizer = make_optimizer(model, args, device)

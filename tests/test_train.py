@@ -209,6 +209,22 @@ def test_one_micro_batch_equals_four(model_dir: Path, data_dir: Path, tmp_path: 
     assert not torch.equal(changed, weights(model_dir)["model.embed_tokens.weight"]), "no training happened"
 
 
+@requires_shared
+def test_compile_matches_eager(model_dir: Path, data_dir: Path, tmp_path: Path):
+    """--compile (torch.compile of each decoder block), with gradient checkpointing over the compiled blocks: the same
+    steps as eager to fp32 rounding (the compiler fuses elementwise ops, which may round differently), and a
+    checkpoint with the same tensor names."""
+    extra = ["--loss", "sft", "--max-steps", "2", "--lr", "1e-4", "--grad-checkpointing"]
+    _, eager = run(model_dir, data_dir / "d4.jsonl", tmp_path / "eager", *extra)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    _, compiled = run(model_dir, data_dir / "d4.jsonl", tmp_path / "compiled", *extra, "--compile")
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert_rows_match(compiled, eager, ("loss", "grad_norm", "nll", "trained_tokens"), rtol=1e-5)
+    assert_same_weights(tmp_path / "compiled" / "final", tmp_path / "eager" / "final", atol=1e-5)
+    assert json.loads((tmp_path / "compiled" / "final" / "args.json").read_text())["compile"] is True
+
+
 # ---------------------------------------------------------------- resume
 
 
