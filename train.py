@@ -404,7 +404,12 @@ def micro_batches(step_ids: list[int], examples: list, batch_size: int, pack_len
 
 
 def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on `device`. To a GPU they go through pinned (page-locked) host memory, the only kind a
+    non_blocking copy can overlap with the GPU's work; on the CPU nothing is copied."""
+    if not str(device).startswith("cuda"):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) and v.device.type == "cpu"
+            else v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
