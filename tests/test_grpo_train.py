@@ -8,6 +8,7 @@ step of 16 completions of 12 tokens is a fraction of a second on a quiet CPU.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,33 @@ def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         rejection_sample.main(["--model", str(tiny_lab_model), "--k", "0", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "argument --k: 0 is out of range" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- experiments/offline_vs_online.py
+
+
+def test_offline_vs_online_quick_run(tmp_path: Path):
+    """The experiment's whole pipeline on a tiny budget: an SFT model, rejection samples from it, RFT/DFT/DPO on
+    them and GRPO online, each scored on both held-out splits."""
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments/offline_vs_online.py"), "--quick",
+                        "--rs-problems", "24", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    results, stats = summary["results"], summary["rejection_sampling"]
+    assert list(results) == ["sft", "rft", "dft", "dpo", "grpo"]
+    assert stats["completions"] == 24 * 2 and stats["sft_rows"] >= 1 and stats["pair_rows"] >= 1
+    for scores in results.values():
+        for column in ("test avg@2", "test pass@2", "test greedy", "test-hard avg@2", "test-hard greedy"):
+            assert 0.0 <= scores[column]["mean"] <= 1.0
+        assert 1 <= scores["test length"]["mean"] <= 64
+    sft_rows = (out / "rs" / "sft.jsonl").read_text().splitlines()
+    assert len(sft_rows) == stats["sft_rows"]
+    for method, data in (("rft", "sft.jsonl"), ("dft", "sft.jsonl"), ("dpo", "pairs.jsonl")):
+        args = json.loads((out / f"{method}_seed0" / "final" / "args.json").read_text())
+        assert args["data"].endswith(data) and args["model"].endswith("sft/final")
+    grpo = [json.loads(line) for line in (out / "grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in grpo if not row.get("eval")] == [1, 2]
+    assert all("reward" in row and "completion_len" in row for row in grpo if not row.get("eval"))
+    assert "| GRPO (online) |" in (out / "results.md").read_text()
