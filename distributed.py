@@ -16,6 +16,7 @@ as one rank with --grad-accum N*M, up to the order of floating-point sums.
 Data parallel (default): every rank holds the whole model and optimizer; gradients are all-reduced by hand after the
 last micro-batch (no DistributedDataParallel wrapper: nothing to sync inside accumulation, and the model keeps its own
 attribute names). --fsdp: FSDP2 (`fully_shard`) shards parameters, gradients and AdamW's state; see `shard_model`.
+Generation under --fsdp (GRPO rollouts, evals) runs on the whole model, gathered once: see `gathered_for_generation`.
 
 A rank that dies: torchrun notices the exit and terminates the other ranks (its "worker group failed" report names
 the rank and its error). A rank that hangs instead (stuck I/O, a deadlocked collective) is caught by the timeout every
@@ -26,9 +27,10 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -156,6 +158,37 @@ def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
     # model(...) returns (losses/logprobs.py), and backward needs it again at once anyway.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+@contextmanager
+def gathered_for_generation(model: torch.nn.Module, ranks: Ranks) -> Iterator[None]:
+    """Under FSDP: the whole model's parameters on every rank while the block runs, sharded again after it.
+
+    Decoding (sample.generate) runs one forward per new token, and ranks whose completions end at different lengths
+    run different numbers of them (a rank with no prompt runs none). A sharded forward all-gathers each block's
+    parameters in its pre-forward hook, a collective, so those ranks would wait on each other forever. Here every
+    rank all-gathers every unit once, in the same order (module order), and turns off resharding after forward, so
+    the forwards inside issue no collective and each rank may decode as many steps as it needs. Costs the whole
+    model (in the compute dtype) on each device meanwhile. Every rank must enter it, with or without prompts; a
+    no-op without FSDP."""
+    if not ranks.fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first, then the blocks
+    model._get_fsdp_state()._lazy_init()  # a no-op after the first forward; before it, unshard needs the root set up
+    model.set_reshard_after_forward(False)  # recursive: no unit frees its parameters after a decode forward
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        # Back to shard_model's settings: blocks reshard after forward, the root does not.
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 def full_state_dict(model: torch.nn.Module, ranks: Ranks) -> dict[str, torch.Tensor]:

@@ -108,7 +108,9 @@ def generate(
         key_mask[i, prompt_len - len(p):] = 1
     padded = any(len(p) != prompt_len for p in prompts)
     positions = (key_mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    cache = KVCache(model.config, B, prompt_len + max_new_tokens, model.lm_head.weight.dtype, device)
+    # The cache takes the dtype of the keys the model computes (bf16 under FSDP's mixed precision, whatever the
+    # weights' dtype), allocated by the prefill.
+    cache = KVCache(model.config, B, prompt_len + max_new_tokens)
     logits = model(ids, position_ids=positions, attention_mask=key_mask[:, :prompt_len] if padded else None,
                    cache=cache, last_only=True)[:, -1]  # (B, V)
     if num_samples > 1:  # one prefill per prompt, then each prompt's row is copied into its samples' rows

@@ -234,9 +234,6 @@ def check_fsdp_flags(ap, args) -> None:
     if not distributed.launched_by_torchrun():
         refuse(ap, "--fsdp", "shards the model over several processes; launch with torchrun --nproc_per_node N "
                "train.py ... --fsdp, or drop --fsdp for one process.")
-    if args.loss in ONLINE:
-        refuse(ap, "--fsdp", f"is not supported with --loss {args.loss} yet (rollout generation would need every "
-               "rank in step); drop --fsdp to train it data-parallel under torchrun.")
 
 
 def loss_defaults(hparam: str) -> str:
@@ -572,12 +569,14 @@ def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], 
 
     Prompt i's G samples are drawn with its own generator seeded by seeds[i], so they do not depend on how the
     step's prompts are split into micro-batches or over ranks. Under torchrun `step_ids` is this rank's share (maybe
-    none); the metrics are of the whole step's rollouts, gathered from every rank."""
+    none); the metrics are of the whole step's rollouts, gathered from every rank. Under --fsdp every rank calls it,
+    with or without prompts: it gathers the model for sampling (distributed.gathered_for_generation)."""
     t0 = time.perf_counter()
     G, chosen = args.num_generations, [prompts[i] for i in step_ids]
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    completions = generate(model, [e.input_ids for e in chosen], args.max_new_tokens, eos, args.temperature,
-                           args.top_k, args.top_p, tok.pad_token_id, generators, num_samples=G) if chosen else []
+    with distributed.gathered_for_generation(model, ranks):
+        completions = generate(model, [e.input_ids for e in chosen], args.max_new_tokens, eos, args.temperature,
+                               args.top_k, args.top_p, tok.pad_token_id, generators, num_samples=G) if chosen else []
     t1 = time.perf_counter()
     # Lengths decide everything: a completion is truncated iff it does not end with an eos id; its trained tokens
     # are exactly the generated ones (never found by comparing ids with the pad id, which may equal eos).
@@ -599,16 +598,19 @@ def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], 
                  for k, (e, c) in enumerate(zip((e for e in chosen for _ in range(G)), completions))]
     per_batch = args.batch_size * G
     batches = []
-    for s in range(0, len(sequences), per_batch):
-        batch = to_device(collate(sequences[s:s + per_batch], tok.pad_token_id), device)
-        batch["advantages"] = advantages.flatten()[s:s + per_batch].to(device)  # (N,) in sequence_ids order
-        batch["keep"] = keep.flatten()[s:s + per_batch].to(device)  # (N,)
-        with precision.autocast():
-            if args.mu > 1:  # pi_old: the policy before this rollout batch's first update
-                batch["old_logps"] = sequence_logprobs(model, batch, args.chunk_size).float()
-            if ref_model is not None:
-                batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
-        batches.append(batch)
+    # pi_old's forwards (mu > 1) on the gathered model too: under --fsdp a rank with fewer prompts (the short last
+    # step of an epoch) runs fewer of them, so they must issue no collective either.
+    with distributed.gathered_for_generation(model, ranks) if args.mu > 1 else nullcontext():
+        for s in range(0, len(sequences), per_batch):
+            batch = to_device(collate(sequences[s:s + per_batch], tok.pad_token_id), device)
+            batch["advantages"] = advantages.flatten()[s:s + per_batch].to(device)  # (N,) in sequence_ids order
+            batch["keep"] = keep.flatten()[s:s + per_batch].to(device)  # (N,)
+            with precision.autocast():
+                if args.mu > 1:  # pi_old: the policy before this rollout batch's first update
+                    batch["old_logps"] = sequence_logprobs(model, batch, args.chunk_size).float()
+                if ref_model is not None:
+                    batch["ref_logps"] = sequence_logprobs(ref_model, batch, args.chunk_size).float()
+            batches.append(batch)
     t3 = time.perf_counter()
 
     lengths = [len(c) for c in completions]
@@ -632,6 +634,23 @@ def make_rollout(model, ref_model, step_ids: list[int], prompts: list[Example], 
     if "accuracy" in parts:
         row["accuracy"] = row["reward_accuracy"]
     return batches, row
+
+
+def idle_rollout_batch(example: Example, pad_id: int, args, device: str, with_ref: bool) -> dict:
+    """A rollout micro-batch that trains nothing: `example`'s prompt and one pad token as its completion, with
+    advantage 0 and keep 0 (and train() scales its loss by 0). Under --fsdp a rank whose share of a short step (the
+    last of an epoch) has fewer rollout micro-batches than --grad-accum, or none, runs such batches too, so that every
+    rank runs as many forward/backward passes and FSDP's collectives pair up."""
+    ids = example.input_ids + [pad_id]
+    batch = to_device(collate([Example(ids, [0] * len(example.input_ids) + [1], index=0)], pad_id), device)
+    batch["advantages"] = torch.zeros(1, device=device)  # (N,)
+    batch["keep"] = torch.zeros(1, device=device)  # (N,)
+    zeros = torch.zeros(batch["loss_mask"].shape, device=device)  # (B, T)
+    if args.mu > 1:
+        batch["old_logps"] = zeros
+    if with_ref:
+        batch["ref_logps"] = zeros
+    return batch
 
 
 EVAL_SAMPLING_SEED = 1234  # held-out sampling: the same random stream at every evaluation
@@ -942,26 +961,28 @@ def report_problems(args) -> list[tuple[list[dict], str]]:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, model_dir: Path, problems: list[tuple[list[dict], str]]) -> float:
+def greedy_accuracy(model, tok, model_dir: Path, problems: list[tuple[list[dict], str]],
+                    ranks: distributed.Ranks = distributed.SINGLE) -> float:
     """Share of `problems` the model solves with greedy decoding (answers checked by data/answers.py)."""
     model.eval()
     eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
-    outs = generate(model, [tok.encode_prompt(messages) for messages, _ in problems], REPORT_MAX_NEW_TOKENS, eos,
-                    temperature=0.0, pad_id=tok.pad_token_id)
+    with distributed.gathered_for_generation(model, ranks):  # every rank decodes the same problems
+        outs = generate(model, [tok.encode_prompt(messages) for messages, _ in problems], REPORT_MAX_NEW_TOKENS,
+                        eos, temperature=0.0, pad_id=tok.pad_token_id)
     model.train()
     return sum(grade(tok.decode(o, skip_special_tokens=True), answer)[1] is True
                for o, (_, answer) in zip(outs, problems)) / len(problems)
 
 
 def measure(model, tok, model_dir: Path, eval_examples: list, problems: list, evaluate_fn, args, device: str,
-            precision) -> dict:
+            precision, ranks: distributed.Ranks = distributed.SINGLE) -> dict:
     """Held-out NLL (and preference accuracy for pairs) plus greedy accuracy on the report problems."""
     figures = {}
     if eval_examples:
         ev = evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
         figures.update({k: ev[k] for k in ("eval_nll", "eval_preference_accuracy") if k in ev})
     if problems:
-        figures["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
+        figures["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems, ranks)
     return figures
 
 
@@ -1107,7 +1128,7 @@ def train(args: argparse.Namespace) -> dict:
     problems = [] if online else report_problems(args)  # online runs report their held-out eval (run_eval)
     before_file = out / "summary_before.json"  # kept across a resume: "before" is the run's starting model
     if resume_dir is None and not online:
-        before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision)
+        before = measure(model, tok, model_dir, eval_examples, problems, evaluate_fn, args, device, precision, ranks)
         if ranks.main:
             before_file.write_text(json.dumps(before) + "\n")
     if ranks.main:
@@ -1137,8 +1158,9 @@ def train(args: argparse.Namespace) -> dict:
             metrics_file.flush()
 
     def run_eval() -> dict:
-        if online:
-            return evaluate_rollouts(model, eval_examples, eval_rows, tok, rewards, eos, args)
+        if online:  # every rank samples the same held-out completions
+            with distributed.gathered_for_generation(model, ranks):
+                return evaluate_rollouts(model, eval_examples, eval_rows, tok, rewards, eos, args)
         return evaluate_fn(model, eval_examples, tok.pad_token_id, args.batch_size, device, precision, args.chunk_size)
 
     def eval_loss(ev: dict) -> float:  # lower is better, for --patience
@@ -1197,11 +1219,17 @@ def train(args: argparse.Namespace) -> dict:
                     generators = [torch.Generator(device=device).manual_seed(
                         int(np.random.SeedSequence([args.seed, step, k]).generate_state(1)[0]))
                         for k in range(first, first + sum(len(m) for m in mine))]
-                    batches_mb, rollout_row = length_sample_batches(model, mine, tok, eos, args, device, generators)
+                    with distributed.gathered_for_generation(model, ranks):  # ranks sample different lengths
+                        batches_mb, rollout_row = length_sample_batches(model, mine, tok, eos, args, device,
+                                                                        generators)
                     batches_mb += [collate_step(micro, args, tok.pad_token_id, ref_table) for micro in micros[:1] * padding]
                 else:
                     batches_mb = [collate_step(micro, args, tok.pad_token_id, ref_table)
                                   for micro in mine + micros[:1] * padding]
+        if online and ranks.fsdp:  # FSDP's collectives pair up only if every rank runs as many forward/backward
+            padding = args.grad_accum - len(batches_mb)  # passes: a short step leaves some ranks fewer (or none)
+            batches_mb = batches_mb + [idle_rollout_batch(examples[0], tok.pad_token_id, args, device,
+                                                          ref_model is not None)] * padding
         t_train = time.perf_counter()
 
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
@@ -1341,7 +1369,7 @@ def train(args: argparse.Namespace) -> dict:
           + f"; checkpoint in {out / 'final'}")
     after = {k: summary[k] for k in ("eval_nll", "eval_preference_accuracy", *ONLINE_REPORT) if k in summary}
     if problems:
-        after["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems)
+        after["greedy_accuracy"] = greedy_accuracy(model, tok, model_dir, problems, ranks)
     report = {"data": args.eval_data, "report_problems": len(problems), "before": before, "after": after}
     if ranks.main:
         (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -85,18 +85,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: one (B, K, max_len, D) pair per layer.
+    """Keys/values for incremental decoding: one (B, K, max_len, D) pair per layer.
 
     The model writes each forward's new keys at [length, length + T) and advances `length` once per forward.
     Which cached positions are real (rather than left padding) is the caller's attention mask. Position ids given
     with a cache must be below max_len (they are when they count real tokens, as generate's do): the rotary angles
     are looked up in a table of that length.
+
+    Without `dtype` and `device` a layer's storage is allocated by its first `update`, in the dtype and on the device
+    of the keys the model computed: those are what the decode attention multiplies with, and they need not be the
+    weights' (FSDP with a bf16 MixedPrecisionPolicy computes in bf16 from fp32 master weights; so does autocast).
     """
 
-    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                 device=None):
+        self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        eager = dtype is not None and device is not None
+        self.keys: list[torch.Tensor | None] = [
+            torch.zeros(self.shape, dtype=dtype, device=device) if eager else None
+            for _ in range(config.num_hidden_layers)]
+        self.values: list[torch.Tensor | None] = [
+            torch.zeros(self.shape, dtype=dtype, device=device) if eager else None
+            for _ in range(config.num_hidden_layers)]
         self.length = 0
         self.max_len = max_len
         self.rotary: RotaryTable | None = None  # built by the model on first use, for positions < max_len
@@ -105,14 +115,18 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions is full (asked for {end})")
+        if self.keys[layer] is None:  # first write to this layer: storage like the keys computed
+            shape = (k.shape[0], *self.shape[1:])  # (B, K, max_len, D); B after any reorder
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape)
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]  # (B, K, S, D)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (e.g. to drop finished sequences)."""
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
+        self.keys = [None if k is None else k[index] for k in self.keys]
+        self.values = [None if v is None else v[index] for v in self.values]
 
 
 class Attention(nn.Module):

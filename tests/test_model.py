@@ -216,6 +216,19 @@ def test_kv_cache_decode_with_left_padding_equals_full_forward(tiny_qwen2_untied
     assert max_diff(torch.cat(chunks, dim=1)[real], full[real]) <= TOL
 
 
+@torch.no_grad()
+def test_kv_cache_without_a_dtype_takes_the_computed_keys_dtype(tiny_qwen2: Path):
+    """generate's cache: storage allocated by the first update, like the keys the model computed (bf16 under FSDP's
+    mixed precision while the master weights, and so lm_head.weight, stay fp32), so the decode matmuls match."""
+    model = ours(tiny_qwen2).to(torch.bfloat16)
+    ids = random_ids(2, 10)
+    cache = KVCache(model.config, 2, 10)
+    assert all(k is None for k in cache.keys)
+    chunks = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
+    assert {k.dtype for k in cache.keys + cache.values} == {torch.bfloat16}
+    assert torch.cat(chunks, dim=1).dtype == torch.bfloat16 and cache.length == 10
+
+
 def reference_greedy(ref, prompts: list[list[int]], n_new: int, eos: int, pad: int = 0) -> list[list[int]]:
     """New tokens of the reference's greedy generate on left-padded prompts (finished rows padded with `pad`)."""
     T = max(map(len, prompts))
