@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  decode {a.prompts} x {a.samples} x {a.new_tokens}: ours {d['ours']['tokens_per_s']:.0f} tokens/s, "
               f"reference {d['reference']['tokens_per_s']:.0f} tokens/s "
               f"({d['ours']['tokens_per_s'] / d['reference']['tokens_per_s']:.2f}x)")
-    if a.json:
+    if a.json:  # output_file accepted a path whose directories do not exist yet (runs/ on a fresh checkout)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

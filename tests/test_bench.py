@@ -22,7 +22,7 @@ def test_bench_gpu_smoke_runs_every_path_on_the_cpu(tmp_path):
     costly, so it stays), 2 x 16 tokens, 4 new tokens: ours, the reference loop and both decoders run end to end, and
     ours and the reference start from the same loss (the same weights, batch and trained tokens). TRL is measured
     when installed and reported as skipped when not; either way the run must finish."""
-    out = tmp_path / "bench_gpu.json"
+    out = tmp_path / "runs" / "bench_gpu.json"  # a directory still to create, as runs/ on a fresh checkout
     r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--config", str(QWEN25_05B_CONFIG),
                         "--layers", "1", "--batch", "2", "--seq-len", "16", "--prompts", "1", "--samples", "2",
                         "--prompt-len", "8", "--new-tokens", "4", "--warmup", "1", "--steps", "1", "--json", str(out)],
