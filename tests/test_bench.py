@@ -1,0 +1,57 @@
+"""The benchmarks' own code: bench/bench_gpu.py's measurement paths, which a GPU machine is needed to time, run here
+on the CPU in its smoke mode so that their bugs show before someone with a GPU runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, SHARED_MODELS
+
+QWEN25_05B_CONFIG = SHARED_MODELS / "qwen2.5-0.5b" / "config.json"
+
+
+@pytest.mark.skipif(not QWEN25_05B_CONFIG.is_file(), reason=f"{QWEN25_05B_CONFIG} not found (../shared next to "
+                                                           f"the repo root)")
+def test_bench_gpu_smoke_runs_every_path_on_the_cpu(tmp_path):
+    """One layer of the real 0.5B config (its 151,936-token vocabulary is what makes the LM head and the optimizer
+    costly, so it stays), 2 x 16 tokens, 4 new tokens: ours, the reference loop and both decoders run end to end, and
+    ours and the reference start from the same loss (the same weights, batch and trained tokens). TRL is measured
+    when installed and reported as skipped when not; either way the run must finish."""
+    out = tmp_path / "runs" / "bench_gpu.json"  # a directory still to create, as runs/ on a fresh checkout
+    r = subprocess.run([sys.executable, "bench/bench_gpu.py", "--device", "cpu", "--config", str(QWEN25_05B_CONFIG),
+                        "--layers", "1", "--batch", "2", "--seq-len", "16", "--prompts", "1", "--samples", "2",
+                        "--prompt-len", "8", "--new-tokens", "4", "--warmup", "1", "--steps", "1", "--json", str(out)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["layers"] == 1 and report["precision"].startswith("fp32")
+    sft = report["sft"]
+    for stack in ("ours", "reference"):
+        assert sft[stack]["tokens_per_s"] > 0 and sft[stack]["step_s"] > 0, sft[stack]
+        assert sft[stack]["mfu"] is None and sft[stack]["peak_gib"] is None  # no --peak-tflops; CPU memory unmeasured
+    # Both fp32 here: only the kernels differ (chunked log-softmax vs the reference's cross entropy).
+    assert sft["ours"]["first_loss"] == pytest.approx(sft["reference"]["first_loss"], abs=1e-4)
+    assert sft["ours"]["first_loss"] == pytest.approx(torch.log(torch.tensor(151936.0)).item(), abs=0.5)  # ~uniform
+    assert "skipped" in sft["trl"] or sft["trl"]["tokens_per_s"] > 0, sft["trl"]
+    for stack in ("ours", "reference"):
+        assert report["decode"][stack]["tokens_per_s"] > 0, report["decode"]
+    assert "ours / reference:" in r.stdout and "decode 1 x 2 x 4:" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible, so the default device is accepted")
+def test_bench_gpu_refuses_cuda_without_a_gpu_in_one_sentence(capsys):
+    """The default device is cuda: without one, parsing fails before any work, naming the flag and the way out."""
+    from bench.bench_gpu import build_parser
+
+    for argv in ([], ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: argument --device: ") and err.count("\n") == 0, err
+    assert build_parser().parse_args(["--device", "cpu", "--layers", "1"]).device == "cpu"
