@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation  # noqa: E402
 import rejection_sample  # noqa: E402
 import train  # noqa: E402
-from cli import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range, output_dir  # noqa: E402
+from experiments.plots import band, pyplot, training_rows  # noqa: E402
+from cli import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range, output_dir, refuse  # noqa: E402
 from model import UserError  # noqa: E402
 
 METHODS = {"rft": "RFT (SFT on rejection samples)", "dft": "DFT on rejection samples",
@@ -115,38 +116,25 @@ def score(model: str, args, out: Path, tag: str) -> dict:
 
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if not r.get("eval")]
+    rows = training_rows(run_dir)
     keys = ("reward", "completion_len", "loss") if "reward" in rows[0] else ("loss",)
     return {key: [r[key] for r in rows] for key in keys}
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
 
-    def band(ax, runs, key, label, window=1):
-        values = np.array([r[key] for r in runs])  # (seeds, steps)
-        if window > 1:  # a step's prompts differ in difficulty: average `window` consecutive steps
-            kernel = np.ones(window) / window
-            values = np.array([np.convolve(v, kernel, mode="valid") for v in values])
-        steps = np.arange(1, values.shape[1] + 1) + (window - 1) / 2
-        mean, std = values.mean(0), values.std(0)
-        ax.plot(steps, mean, label=label)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-
+    # A step's prompts differ in difficulty: GRPO's curves are averaged over SMOOTH consecutive steps.
     window = min(SMOOTH, len(curves["grpo"][0]["reward"])) if "grpo" in curves else 1
     if "grpo" in curves:
-        band(axes[0], curves["grpo"], "reward", "GRPO", window)
-        band(axes[1], curves["grpo"], "completion_len", "GRPO", window)
+        band(axes[0], [r["reward"] for r in curves["grpo"]], "GRPO", window)
+        band(axes[1], [r["completion_len"] for r in curves["grpo"]], "GRPO", window)
     for method in ("rft", "dft", "dpo"):
         if method in curves:
-            band(axes[2], curves[method], "loss", METHODS[method])
+            band(axes[2], [r["loss"] for r in curves[method]], METHODS[method])
     axes[0].set_title(f"GRPO: reward (accuracy) of the rollouts, mean of {window} steps", fontsize=9)
     axes[1].set_title(f"GRPO: mean completion length (tokens), mean of {window} steps", fontsize=9)
     axes[2].set_title("offline: each one's own loss\n(RFT: NLL; DFT: p-weighted NLL; DPO: -log sigmoid)", fontsize=9)
@@ -190,13 +178,16 @@ def build_parser() -> Parser:
     ap.add_argument("--out", type=output_dir, default="runs/offline_vs_online",
                     help="results and runs (a run already there is trained again from scratch)")
     ap.add_argument("--quick", action="store_true",
-                    help="1 seed, SFT 40 steps, 2 GRPO steps of 2 prompts, 2 samples, 4 problems, 64 new tokens: checks "
-                         "the pipeline")
+                    help="1 seed, SFT 40 steps, 2 GRPO steps of 2 prompts, 2 samples, 4 problems, 64 new tokens: "
+                         "checks the pipeline")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if "dpo" in args.methods and args.max_pairs_per_problem == 0:
+        refuse(ap, "--max-pairs-per-problem", "0 leaves DPO without pairs; give >= 1, or leave dpo out of --methods.")
     if args.quick:
         args.seeds, args.grpo_steps, args.grpo_prompts, args.num_generations = args.seeds[:1], 2, 2, 2
         args.eval_limit, args.k, args.max_new_tokens, args.batch_size, args.sft_steps = 4, 2, 64, 4, 40

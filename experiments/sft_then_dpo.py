@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation  # noqa: E402
 from cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Range, output_dir  # noqa: E402
 import train  # noqa: E402
+from experiments.plots import band, pyplot, training_rows  # noqa: E402
 from model import UserError  # noqa: E402
 
 # Paper 000's configuration (Sec. 4): Qwen2.5-0.5B, SFT on smolTalk, DPO on UltraFeedback binarized, max length 256.
@@ -88,27 +89,19 @@ def solve(model: str, args, out: Path, tag: str) -> dict:
 
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if not r.get("eval")]
+    rows = training_rows(run_dir)
     return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3 * len(curves)), squeeze=False)
     for row, (name, runs) in enumerate(curves.items()):
         for col, key in enumerate(("loss", "grad_norm")):
             ax = axes[row, col]
-            values = np.array([r[key] for r in runs])  # (seeds, steps)
-            steps = np.arange(1, values.shape[1] + 1)
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+            band(ax, [r[key] for r in runs], alpha=0.25)
             ax.set_title(f"{RUNS[name]}: {'loss' if key == 'loss' else 'grad norm (before clipping)'}", fontsize=9)
             ax.set_xlabel("step")
     fig.suptitle("mean +- std over seeds")

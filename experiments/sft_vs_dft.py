@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
+from experiments.plots import band, pyplot, training_rows  # noqa: E402
 from cli import NON_NEGATIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
 from model import UserError  # noqa: E402
 
@@ -76,26 +77,18 @@ def base_scores(args, out: Path) -> dict:
 
 
 def read_curves(run_dir: Path) -> dict[str, list[float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if not r.get("eval")]
+    rows = training_rows(run_dir)
     return {"nll": [r.get("nll", r["loss"]) for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for loss, runs in curves.items():
         for ax, key in zip(axes, ("nll", "grad_norm")):
-            values = np.array([r[key] for r in runs])  # (seeds, steps)
-            steps = np.arange(1, values.shape[1] + 1)
-            mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=loss)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            band(ax, [r[key] for r in runs], label=loss)
     axes[0].set_title("training NLL of the response tokens (mean +- std over seeds)")
     axes[1].set_title("gradient norm before clipping")
     for ax in axes:

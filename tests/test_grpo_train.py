@@ -278,3 +278,14 @@ def test_offline_vs_online_quick_run(tmp_path: Path):
     assert [row["step"] for row in grpo if not row.get("eval")] == [1, 2]
     assert all("reward" in row and "completion_len" in row for row in grpo if not row.get("eval"))
     assert "| GRPO (online) |" in (out / "results.md").read_text()
+
+
+def test_offline_vs_online_refuses_dpo_without_pairs(capsys):
+    """--max-pairs-per-problem 0 with dpo among the methods: one line naming the flag, before any training."""
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
+    import offline_vs_online
+
+    with pytest.raises(SystemExit) as e:
+        offline_vs_online.main(["--max-pairs-per-problem", "0", "--out", "unused"])
+    assert e.value.code == 2
+    assert "argument --max-pairs-per-problem: 0 leaves DPO without pairs" in capsys.readouterr().err
