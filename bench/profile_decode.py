@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from cli import POSITIVE_INT, Parser  # noqa: E402
-from model import KVCache, load_model  # noqa: E402
+from model import KVCache, UserError, load_model  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -50,7 +50,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, _ = load_model(a.model, torch.float32, "cpu")
+    try:
+        model, _ = load_model(a.model, torch.float32, "cpu")
+    except UserError as e:
+        sys.exit(f"error: {e}")
     model.eval()
     cfg = model.config
     cache = KVCache(cfg, a.rows, a.cached + 1, torch.float32, "cpu")
