@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_random_checkpoint  # noqa: E402
+from cli import POSITIVE_INT, Parser  # noqa: E402
 
 DEFAULT_CONFIG = REPO_ROOT.parent / "shared" / "models" / "qwen2.5-0.5b" / "config.json"
 
@@ -151,16 +152,16 @@ def bench_load(model_dir: Path, weight_bytes: int) -> dict[str, dict[str, float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__)
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="an HF Qwen2 config.json")
-    ap.add_argument("--layers", type=int, help="override num_hidden_layers (quick runs)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, default=512, help="prefill tokens per row")
-    ap.add_argument("--decode-prompt-len", type=int, default=32, help="prompt tokens per row before decoding")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per figure (best is kept)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["prefill", "decode", "load"])
+    ap.add_argument("--layers", type=POSITIVE_INT, help="override num_hidden_layers (quick runs)")
+    ap.add_argument("--batch", type=POSITIVE_INT, default=4, help="rows")
+    ap.add_argument("--prompt-len", type=POSITIVE_INT, default=512, help="prefill tokens per row")
+    ap.add_argument("--decode-prompt-len", type=POSITIVE_INT, default=32, help="prompt tokens per row before decoding")
+    ap.add_argument("--new-tokens", type=POSITIVE_INT, default=128, help="new tokens per row when decoding")
+    ap.add_argument("--repeats", type=POSITIVE_INT, default=2, help="timed runs per figure (best is kept)")
+    ap.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["prefill", "decode", "load"], help="figures to leave out")
     ap.add_argument("--measure-load", nargs=2, metavar=("WHICH", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_load:

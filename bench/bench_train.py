@@ -44,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.common import write_random_checkpoint  # noqa: E402
+from cli import POSITIVE_INT, Parser  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DEFAULT_CONFIG = SHARED / "models" / "qwen2.5-0.5b" / "config.json"
@@ -90,7 +91,8 @@ def build_batch(batch_size: int, seq_len: int, tokenizer_dir: Path, data: Path, 
         if len(chosen) == batch_size:
             break
     if len(chosen) < batch_size:
-        sys.exit(f"only {len(chosen)} conversations of {data} have >= {seq_len} tokens; lower --seq-len or --batch")
+        sys.exit(f"error: only {len(chosen)} conversations of {data} have >= {seq_len} tokens with a trained "
+                 f"(assistant) token among the first {seq_len}; change --seq-len or lower --batch")
     batch = collate(chosen, tok.pad_token_id)
     torch.save(batch, out_file)
     return {"rows": [ex.index for ex in chosen], "tokens": int(batch["input_ids"].numel()),
@@ -323,24 +325,24 @@ def gib(x: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the config's)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
-    ap.add_argument("--loss-rounds", type=int, default=None,
+    ap = Parser(description=__doc__)
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="an HF Qwen2 config.json")
+    ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="tokenizer directory")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL rows of SFT data")
+    ap.add_argument("--layers", type=POSITIVE_INT, default=None, help="override num_hidden_layers (default: the config's)")
+    ap.add_argument("--batch", type=POSITIVE_INT, default=4, help="rows per step")
+    ap.add_argument("--seq-len", type=POSITIVE_INT, default=512, help="tokens per row")
+    ap.add_argument("--steps", type=POSITIVE_INT, default=2, help="measured steps after one warm-up step")
+    ap.add_argument("--loss-rounds", type=POSITIVE_INT, default=None,
                     help="the losses run: rounds of one step of each objective (default: --steps)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--chunk-size", type=int, default=512, help="our log-prob kernel's chunk")
+    ap.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads of each worker")
+    ap.add_argument("--chunk-size", type=POSITIVE_INT, default=512, help="our log-prob kernel's chunk")
     ap.add_argument("--runs", default="ref,ours,ours_gc,losses", help="which workers, comma-separated")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    ap.add_argument("--timeout", type=POSITIVE_INT, default=900, help="seconds per worker")
     ap.add_argument("--malloc-mmap", action="store_true",
                     help="run the workers with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2 (glibc), so peak RSS "
                          "measures live memory rather than also what the default allocator keeps after free")
-    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--json-out", type=Path, default=None, help="also write the results to this JSON file")
     # worker-only
     ap.add_argument("--worker", choices=["write", "ref", "ours", "pair"], help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)

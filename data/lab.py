@@ -593,18 +593,29 @@ def _print_row(row: dict[str, Any]) -> None:
     print()
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of --n (data/ does not import the scripts' cli module): a whole number >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is out of range; it must be >= 1")
+    return n
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.lab", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build-tokenizer", help="retrain the lab tokenizer and write it to --out")
     build.add_argument("--out", default=str(LAB_TOKENIZER_DIR), help="output directory (default: the shipped one)")
     show = commands.add_parser("show", help="print a few rows of a split")
-    show.add_argument("--split", default="train", help=f"one of {', '.join(SPLIT_SIZES)}")
-    show.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
-    show.add_argument("--n", type=int, default=3, help="number of rows")
+    show.add_argument("--split", default="train", choices=list(SPLIT_SIZES), help="which split (default: train)")
+    show.add_argument("--layout", default=None, choices=LAYOUTS, help="row layout (default: the split's)")
+    show.add_argument("--n", type=_positive_int, default=3, help="number of rows, at least 1 (default: 3)")
     export = commands.add_parser("export", help="write a split to a JSONL file")
-    export.add_argument("--split", default="train", help=f"one of {', '.join(SPLIT_SIZES)}")
-    export.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the split's)")
+    export.add_argument("--split", default="train", choices=list(SPLIT_SIZES), help="which split (default: train)")
+    export.add_argument("--layout", default=None, choices=LAYOUTS, help="row layout (default: the split's)")
     export.add_argument("--out", required=True, help="output .jsonl file")
     commands.add_parser("stats", help="token counts of chat-formatted rows per split, with the shipped tokenizer")
     args = parser.parse_args(argv)

@@ -380,5 +380,13 @@ def test_cli_show_and_export(tmp_path, capsys):
     assert lab.main(["export", "--split", "test", "--layout", "messages", "--out", str(out)]) == 0
     assert [json.loads(line) for line in out.read_text().splitlines()] == load_lab("lab:test:messages")
 
-    assert lab.main(["show", "--split", "nope"]) == 2
-    assert "unknown lab split 'nope'" in capsys.readouterr().err
+    # Bad flags are refused while parsing, each in one line naming the flag.
+    for argv, flag in ((["show", "--split", "nope"], "--split"), (["show", "--n", "0"], "--n"),
+                       (["export", "--layout", "nope", "--out", str(out)], "--layout")):
+        with pytest.raises(SystemExit) as e:
+            lab.main(argv)
+        assert e.value.code == 2
+        assert f"error: argument {flag}: " in capsys.readouterr().err.splitlines()[-1]
+    export_dir = tmp_path / "missing"
+    assert lab.main(["export", "--split", "test", "--out", str(export_dir / "x.jsonl")]) == 2
+    assert f"output directory {export_dir} does not exist" in capsys.readouterr().err
