@@ -320,6 +320,19 @@ def run_worker(kind: str, a, ckpt: Path, batch_file: Path, extra: list[str]) -> 
     return result
 
 
+RUNS = ("ref", "ours", "ours_gc", "losses", "pair")
+
+
+def run_names(text: str) -> list[str]:
+    """--runs: comma-separated names from RUNS, checked while parsing (before the checkpoint is written)."""
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown run {', '.join(map(repr, unknown))}; use names from "
+                                         f"{', '.join(RUNS)}, comma-separated")
+    return names
+
+
 def gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
@@ -337,7 +350,8 @@ def main() -> None:
                     help="the losses run: rounds of one step of each objective (default: --steps)")
     ap.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads of each worker")
     ap.add_argument("--chunk-size", type=POSITIVE_INT, default=512, help="our log-prob kernel's chunk")
-    ap.add_argument("--runs", default="ref,ours,ours_gc,losses", help="which workers, comma-separated")
+    ap.add_argument("--runs", type=run_names, default="ref,ours,ours_gc,losses",
+                    help=f"which workers, comma-separated, from {', '.join(RUNS)}")
     ap.add_argument("--timeout", type=POSITIVE_INT, default=900, help="seconds per worker")
     ap.add_argument("--malloc-mmap", action="store_true",
                     help="run the workers with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_ARENA_MAX=2 (glibc), so peak RSS "
@@ -361,7 +375,7 @@ def main() -> None:
 
     import torch
 
-    runs = a.runs.split(",")
+    runs = a.runs
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {a.threads} threads, load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f}{', malloc-mmap' if a.malloc_mmap else ''}", flush=True)

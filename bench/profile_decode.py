@@ -113,5 +113,6 @@ def main() -> None:
                   f"turns [{ratios[0]:.2f}, {ratios[-1]:.2f}] (compilation {compile_s:.0f} s, paid again for each "
                   f"new batch size or cache length)")
 
+
 if __name__ == "__main__":
     main()

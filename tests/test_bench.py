@@ -58,8 +58,9 @@ def test_bench_gpu_refuses_cuda_without_a_gpu_in_one_sentence(capsys):
 
 
 def test_profile_decode_reports_each_share_of_a_step():
-    """bench/profile_decode.py on a tiny batch: it finds the linear layers' and the attention's ops in the profile (by
-    their aten names, which a new torch could change: then a share would read 0%) and its shares make up the step."""
+    """bench/profile_decode.py on a tiny batch runs to the end (it finds the linear layers' and the attention's ops in
+    the profile by their aten names, which a new torch could change: it would then divide by zero) and prints a step
+    time and three shares that make up the step."""
     r = subprocess.run([sys.executable, "bench/profile_decode.py", "--rows", "4", "--cached", "8", "--repeats", "2",
                         "--threads", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -67,5 +68,4 @@ def test_profile_decode_reports_each_share_of_a_step():
     assert lines[0] == "base: 4 rows, 8 cached positions, 1 threads", lines
     assert lines[1].startswith("decode step: ") and " ms (" in lines[1], lines
     shares = [int(line.split(":")[1].split("%")[0]) for line in lines[2:5]]  # linear, attention, the rest
-    assert shares[0] > 0 and "GB/s" in lines[3] and "at 0.0 GB/s" not in lines[3], lines  # mm/addmm and bmm seen
     assert all(0 <= s <= 100 for s in shares) and abs(sum(shares) - 100) <= 2, lines
