@@ -10,7 +10,7 @@
     python eval.py --metric accuracy --completions other_engine.jsonl --samples-out graded.jsonl
 
 Metrics:
-  accuracy     k samples per problem at --temperature with sample.py's batched generation (each prompt prefilled
+  accuracy     k samples per problem at --temperature with model/generate.py's batched generation (each prompt prefilled
                once); a completion's answer is its last \\boxed{} (else GSM8K's '#### N'), checked against the
                row's reference answer by data/answers.py (math-verify), the checker of the GRPO rewards.
                avg@k = mean fraction of correct samples (the DFT paper's avg@16); pass@k = share of problems with
@@ -46,15 +46,16 @@ import torch
 
 from cli import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser, Range, device_name, model_spec,
                  output_file, output_problem, refuse)
+from data.answers import DEFAULT_TIMEOUT_S, grade_all, normalize_answer, reference_answer
 from data.collate import collate
-from data.datasets import detect_layout, load_rows, read_jsonl, row_to_messages, tokenize_rows
-from data.answers import DEFAULT_TIMEOUT_S, grade, normalize_answer, prompt_and_answer, reference_answer
+from data.datasets import (detect_layout, load_rows, prompt_and_answer, prompt_turns, read_jsonl, row_location,
+                           tokenize_rows)
 from data.lab import is_lab_spec
 from data.preference import collate_pairs, pair_messages, tokenize_preference_rows
 from data.tokenizer import load_tokenizer
-from losses.logprobs import sequence_logprobs
 from model import UserError, default_device, load_model
-from sample import generate, generation_eos_ids
+from model.generate import generate, is_truncated, stop_ids
+from training.inference import batched_logprobs
 
 METRICS = ("accuracy", "nll", "token-probs", "deviation", "preference", "responses")
 DEFAULT_DATA = "lab:test"
@@ -73,11 +74,10 @@ def add_instruction(messages: list[dict], instruction: str) -> list[dict]:
 
 
 def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]:
-    problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
-                for i, row in enumerate(rows)]
+    problems = [prompt_and_answer(row, row_location(rows, i, source=None)) for i, row in enumerate(rows)]
     # Lab rows carry their own system prompt; MATH-500 / GSM8K questions get the step-by-step instruction.
     instruction = "" if is_lab_spec(args.data) else args.instruction
-    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    eos = stop_ids(model_dir, model, tok.im_end_id)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     verdicts: list[list[bool | None]] = [[] for _ in problems]
@@ -90,16 +90,17 @@ def accuracy(model, model_dir: Path, tok, rows, args) -> tuple[dict, list[dict]]
         prompts = [tok.encode_prompt(add_instruction(messages, instruction)) for messages, _ in chunk]
         outs = generate(model, prompts, args.max_new_tokens, eos, args.temperature, args.top_k, args.top_p,
                         tok.pad_token_id, generator, num_samples=args.k)
-        for j, out in enumerate(outs):
+        texts = [tok.decode(out, skip_special_tokens=True) for out in outs]
+        answers = [problems[s + j // args.k][1] for j in range(len(outs))]  # prompt 0's k samples, then prompt 1's
+        graded = grade_all(texts, answers, args.answer_timeout)
+        for j, (out, text, (pred, verdict)) in enumerate(zip(outs, texts, graded)):
             p, sample = s + j // args.k, j % args.k
-            text = tok.decode(out, skip_special_tokens=True)
-            pred, verdict = grade(text, problems[p][1], args.answer_timeout)
             verdicts[p].append(verdict)
             predictions[p].append(pred)
             n_tokens += len(out)
-            records.append({"problem": p, "sample": sample, "answer": problems[p][1], "prediction": pred,
+            records.append({"problem": p, "sample": sample, "answer": answers[j], "prediction": pred,
                             "correct": verdict is True, "timed_out": verdict is None, "completion": text,
-                            "tokens": len(out), "truncated": not (out and out[-1] in eos)})
+                            "tokens": len(out), "truncated": is_truncated(out, eos)})
     result = summarize_groups(verdicts, predictions)
     result["gen_tokens_per_s"] = n_tokens / (time.perf_counter() - start)
     return result, records
@@ -160,8 +161,8 @@ def score_completions(args) -> tuple[dict, list[dict]]:
                             "'solution'); add one.")
         verdicts.append([])
         predictions.append([])
-        for sample, text in enumerate(completions):
-            pred, verdict = grade(text, ref, args.answer_timeout)
+        for sample, (pred, verdict) in enumerate(grade_all(completions, [ref] * len(completions),
+                                                           args.answer_timeout)):
             verdicts[-1].append(verdict)
             predictions[-1].append(pred)
             records.append({"line": n, "problem": len(verdicts) - 1, "sample": sample, "answer": ref,
@@ -182,16 +183,11 @@ def response_examples(tok, rows, args):
     return examples
 
 
-@torch.no_grad()
 def per_token_logps(model, tok, examples, batch_size: int) -> list[torch.Tensor]:
     """For each example, the log-probs of its response tokens (1-D, fp32, CPU)."""
-    device = next(model.parameters()).device
     out = []
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s:s + batch_size]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk, tok.pad_token_id).items()}
-        logps = sequence_logprobs(model, batch).float()  # (B, T)
-        keep = batch["loss_mask"].bool()
+    for chunk, batch, logps in batched_logprobs(model, examples, lambda c: collate(c, tok.pad_token_id), batch_size):
+        keep = batch["loss_mask"].bool()  # logps (B, T)
         out += [logps[r][keep[r]].cpu() for r in range(len(chunk))]
     return out
 
@@ -225,15 +221,12 @@ def preference_pairs(tok, rows, args) -> list:
     return pairs
 
 
-@torch.no_grad()
 def pair_sums(model, tok, pairs, batch_size: int) -> dict[int, tuple[tuple, float, float, float, float]]:
     """Per pair index: (its token ids, log pi(y_w|x), log pi(y_l|x), |y_w|, |y_l|), sums over the response tokens."""
-    device = next(model.parameters()).device
     out = {}
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_pairs(chunk, tok.pad_token_id).items()}
-        seq = sequence_logprobs(model, batch).float().sum(1).cpu()  # (2P,) one sequence per row
+    for chunk, batch, logps in batched_logprobs(model, pairs, lambda c: collate_pairs(c, tok.pad_token_id),
+                                                batch_size):
+        seq = logps.sum(1).cpu()  # (2P,) one sequence per row
         length = batch["loss_mask"].sum(1).cpu()  # (2P,)
         c, r = batch["chosen_seq"].cpu(), batch["rejected_seq"].cpu()
         for k, pair in enumerate(chunk):
@@ -263,22 +256,18 @@ def preference(sums: dict, ref_sums: dict | None) -> dict:
 
 
 def prompt_of(row: dict, where: str) -> list[dict]:
-    """The prompt turns of a row of any layout: `prompt` (string or turns), a preference pair's shared turns, or a
-    chat's turns up to its last non-assistant one."""
+    """The prompt turns of a row of any layout: a preference pair's shared turns (the pair checked as
+    data/preference.py checks it), else data.datasets.prompt_turns (`prompt`, or a chat's turns up to its last
+    non-assistant one)."""
     if "chosen" in row and "rejected" in row:
         return pair_messages(row, where)[0]
-    if "prompt" in row and isinstance(row["prompt"], (str, list)) and "completion" not in row:
-        prompt = row["prompt"]
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    messages = row_to_messages(row, detect_layout(row, where), where)
-    if messages is None:
+    if "prompt" not in row and detect_layout(row, where) == "text":
         raise UserError(f"{where}: a plain text row has no prompt; use a chat, prompt or preference layout.")
-    last_user = max(i for i, m in enumerate(messages) if m["role"] != "assistant")
-    return messages[:last_user + 1]
+    return prompt_turns(row, where)
 
 
 def responses(model, model_dir: Path, tok, prompts: list[list[dict]], args) -> list[str]:
-    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    eos = stop_ids(model_dir, model, tok.im_end_id)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     texts = []
     for s in range(0, len(prompts), args.batch_size):
@@ -461,7 +450,7 @@ def run(args: argparse.Namespace) -> dict:
         ref_tok = load_tokenizer(ref_dir)
         ref_sums = pair_sums(ref, ref_tok, preference_pairs(ref_tok, rows, args), args.batch_size)
         del ref
-    prompts = [prompt_of(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
+    prompts = [prompt_of(row, row_location(rows, i, source=None))
                for i, row in enumerate(rows)] if args.metric == "responses" else []
     answers: dict[str, list[str]] = {}
     if args.metric == "deviation":

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from cli import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser, device_name, model_spec, output_dir
-from data.answers import DEFAULT_TIMEOUT_S, grade, prompt_and_answer
-from data.datasets import load_rows
+from data.answers import DEFAULT_TIMEOUT_S, grade_all
+from data.datasets import load_rows, prompt_and_answer, row_location
 from data.tokenizer import load_tokenizer
 from model import UserError, default_device, load_model
-from sample import generate, generation_eos_ids
+from model.generate import generate, is_truncated, stop_ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,12 +86,11 @@ def run(args: argparse.Namespace) -> dict:
     rows = load_rows(args.data, args.split)
     if args.limit:
         rows = rows[:args.limit]
-    problems = [prompt_and_answer(row, rows.where(i) if hasattr(rows, "where") else f"row {i + 1}")
-                for i, row in enumerate(rows)]
+    problems = [prompt_and_answer(row, row_location(rows, i, source=None)) for i, row in enumerate(rows)]
     device = args.device or default_device()
     model, model_dir = load_model(model_spec(args.model), args.dtype, device)
     tok = load_tokenizer(model_dir)
-    eos = sorted(set(generation_eos_ids(model_dir, model)) | {tok.im_end_id})
+    eos = stop_ids(model_dir, model, tok.im_end_id)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,11 +104,11 @@ def run(args: argparse.Namespace) -> dict:
             outs = generate(model, [tok.encode_prompt(m) for m, _ in chunk], args.max_new_tokens, eos,
                             args.temperature, 0, args.top_p, tok.pad_token_id, generator, num_samples=args.k)
             for p, (messages, answer) in enumerate(chunk):
-                samples = []
-                for o in outs[p * args.k:(p + 1) * args.k]:
-                    text = tok.decode(o, skip_special_tokens=True)
-                    _, verdict = grade(text, answer, args.answer_timeout)
-                    samples.append({"text": text, "correct": verdict, "truncated": not (o and o[-1] in eos)})
+                group = outs[p * args.k:(p + 1) * args.k]
+                texts = [tok.decode(o, skip_special_tokens=True) for o in group]
+                graded = grade_all(texts, [answer] * len(texts), args.answer_timeout)
+                samples = [{"text": text, "correct": verdict, "truncated": is_truncated(o, eos)}
+                           for o, text, (_, verdict) in zip(group, texts, graded)]
                 stats["completions"] += len(samples)
                 stats["correct"] += sum(x["correct"] is True for x in samples)
                 stats["truncated"] += sum(x["truncated"] for x in samples)

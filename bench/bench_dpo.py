@@ -84,7 +84,7 @@ def worker_ours(a) -> dict:
     from losses import LOSSES
     from losses.logprobs import sequence_logprobs
     from model import load_model
-    from train import make_optimizer
+    from training.optim import make_optimizer
 
     model, _ = load_model(a.ckpt, torch.float32, "cpu")
     model.train()

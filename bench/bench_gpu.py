@@ -12,13 +12,13 @@ each stack: our kernel skips untrained positions, which would flatter us on chat
 
   ours       train.py's step: fp32 master weights, bf16 autocast, model -> losses.logprobs.sequence_logprobs (chunked,
              never the full logits) -> losses.sft -> backward of the loss sum -> one division -> clip -> fused AdamW
-             (train.make_optimizer). --grad-checkpointing as train.py's flag.
+             (training.optim.make_optimizer). --grad-checkpointing as train.py's flag.
   reference  transformers Qwen2ForCausalLM (sdpa), fp32 master weights under the same bf16 autocast, its own loss
              through `labels=`, the same clip and fused AdamW: what a plain HF training loop costs.
   trl        TRL's SFTTrainer (bf16, the same batch size and length, no packing) when `trl` is installed; its step
              time comes from a callback around each optimizer step.
   decode     --prompts prompts x --samples samples (a GRPO step's rollouts), --new-tokens tokens each, sampled at
-             temperature 1 with no stop token so every row runs the full length, bf16 weights: sample.generate
+             temperature 1 with no stop token so every row runs the full length, bf16 weights: model.generate
              (shared prefill, our KV cache) vs the reference's `generate(do_sample=True)`.
 
 Figures: tokens/s (median of --steps timed steps after --warmup), MFU = tokens/s x FLOPs per token / the device's
@@ -182,7 +182,7 @@ def measure_ours(model_dir: Path, a, batch: dict) -> tuple[float, float | None, 
     from losses.logprobs import sequence_logprobs
     from losses.sft import sft_loss
     from model import load_model
-    from train import make_optimizer
+    from training.optim import make_optimizer
 
     model = load_model(model_dir, torch.float32, a.device)[0].train()
     model.gradient_checkpointing = a.grad_checkpointing
@@ -269,7 +269,7 @@ def measure_decode(model_dir: Path, a) -> dict:
     from transformers import AutoModelForCausalLM
 
     from model import load_model
-    from sample import generate
+    from model.generate import generate
 
     g = torch.Generator().manual_seed(0)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

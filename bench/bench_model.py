@@ -69,7 +69,7 @@ def bench_decode(ours, ref, batch: int, prompt_len: int, new_tokens: int, vocab:
     """Whole-run tokens/s (best of `repeats`), and tokens/s from the median time between the starts of consecutive
     decode forwards (which includes each side's loop overhead: sampling, cache, masks), a figure that a few slow
     steps on a busy machine do not move."""
-    from sample import generate
+    from model.generate import generate
 
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     prompts = ids.tolist()

@@ -1,4 +1,4 @@
-"""GRPO rollouts: our sample.generate vs the reference implementation's generate, sampled at temperature 1.0, CPU.
+"""GRPO rollouts: our model/generate.py vs the reference implementation's generate, sampled at temperature 1.0, CPU.
 
     python bench/bench_rollout.py                                # lab 64 x 128 and 8 x 128, 0.5B shape, GRPO split
     python bench/bench_rollout.py --skip big grpo --repeats 5    # only the lab rows
@@ -69,7 +69,7 @@ def summary(rates: dict[str, dict[str, list[float]]], label: str) -> list[str]:
 
 def bench_generate(ours, ref, prompts: list[list[int]], new_tokens: int, temperature: float,
                    repeats: int) -> dict[str, dict[str, list[float]]]:
-    from sample import generate
+    from model.generate import generate
 
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
@@ -94,7 +94,7 @@ def bench_generate(ours, ref, prompts: list[list[int]], new_tokens: int, tempera
 
 
 def lab_prompts(tok, n: int) -> list[list[int]]:
-    from data.answers import prompt_turns
+    from data.datasets import prompt_turns
     from data.lab import load_lab
 
     rows = load_lab("lab:train:prompt")

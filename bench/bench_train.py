@@ -11,7 +11,7 @@ chats) through our tokenizer and chat template, loss mask on the assistant token
   reference  transformers Qwen2ForCausalLM (sdpa attention), its own loss through `labels=` (-100 on masked
              positions), loss.backward(), a plain torch.optim.AdamW step, zero_grad.
   ours       the inner step of train.py: model -> losses.logprobs.sequence_logprobs -> LOSSES[loss] -> backward of
-             loss_sum -> one division of the gradients by the count -> clip_grad_norm_ -> AdamW (train.make_optimizer)
+             loss_sum -> one division of the gradients by the count -> clip_grad_norm_ -> AdamW (training.optim.make_optimizer)
              -> zero_grad.
 
 Each measurement runs in its own fresh subprocess, so its peak RSS (ru_maxrss) is its own:
@@ -157,18 +157,7 @@ def worker_ours(a) -> dict:
     from losses import LOSSES, hparams_for
     from losses.logprobs import sequence_logprobs
     from model import load_model
-    try:
-        from train import make_optimizer
-        optimizer_source = "train.make_optimizer"
-    except ImportError:  # train.py mid-edit by someone else: the same two AdamW groups, built here
-        optimizer_source = "local copy of train.make_optimizer"
-
-        def make_optimizer(model, args, device):
-            params = [p for p in model.parameters() if p.requires_grad]
-            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-            return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas),
-                                     fused=torch.device(device).type in ("cuda", "cpu"))
+    from training.optim import make_optimizer
 
     rss_start = current_rss()
     model, _ = load_model(a.ckpt, torch.float32, "cpu")
@@ -209,7 +198,7 @@ def worker_ours(a) -> dict:
         return step
 
     steps = {name: make_step(name) for name in losses}
-    out = {"n_params": n_params, "rss_start": rss_start, "rss_loaded": rss_loaded, "optimizer": optimizer_source}
+    out = {"n_params": n_params, "rss_start": rss_start, "rss_loaded": rss_loaded, "optimizer": "training.optim.make_optimizer"}
     if len(losses) == 1:
         sections, values = timed_steps(steps[losses[0]], 1, a.steps)
         out.update(peak_rss=peak_rss(), vm_hwm=vm_hwm(), losses=values, sections=sections)
@@ -229,7 +218,7 @@ def worker_pair(a) -> dict:
     """Both stacks in one process, steps alternating, so machine load hits both alike: the timing figure on a shared
     machine. One copy of the weights (the reference's parameters are re-pointed at ours); phase 1 times forward +
     backward (+ ours' gradient scaling and clipping, as in train.py), phase 2 each stack's optimizer step on the same
-    gradients (the reference's default AdamW vs train.make_optimizer's). Memory is not measured here."""
+    gradients (the reference's default AdamW vs training.optim.make_optimizer's). Memory is not measured here."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -237,7 +226,7 @@ def worker_pair(a) -> dict:
     from losses import LOSSES
     from losses.logprobs import sequence_logprobs
     from model import load_model
-    from train import make_optimizer
+    from training.optim import make_optimizer
 
     ours, _ = load_model(a.ckpt, torch.float32, "cpu")
     ours.train()

@@ -3,7 +3,7 @@
     python bench/profile_decode.py                      # lab base, 64 rows, 128 cached positions, 2 threads
     python bench/profile_decode.py --compile            # also time the same step under torch.compile
 
-One decode step is the model's own forward on one new token per row against a KV cache (what sample.generate runs
+One decode step is the model's own forward on one new token per row against a KV cache (what model.generate runs
 per step, sampling excluded). Reported: the step's time, the share of the linear layers (aten::mm / addmm), of the
 attention's two batched matmuls against the cache (aten::bmm) and of everything else, with the arithmetic rate of
 the linear layers (GFLOP/s) and the rate at which attention reads the cache (GB/s), next to what a plain large

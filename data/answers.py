@@ -5,6 +5,8 @@
                                  last box of its solution / assistant reply
     check_answer(pred, ref)      True / False, or None when the check ran out of time (see below)
     grade(completion, ref)       (extracted answer, check_answer) in one call
+    grade_all(completions, refs) grade of each completion against its reference
+    share_correct(completions, refs)   the share of completions checked True (a time-out is not correct)
 
 Equivalence is decided by math-verify (Kydlicek et al., Hugging Face; `pip install math-verify`), the checker the
 DFT paper's evaluation used: both answers are parsed from LaTeX into sympy and compared as numbers, sets, intervals,
@@ -32,10 +34,11 @@ import re
 import signal
 import threading
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-# Deliberately light imports: the helper process that runs checks for other threads imports this module, and must
-# start in a second, so data.datasets and model.errors (which pull in torch) are imported where they are used.
+# Deliberately light imports, nothing of this project's: the helper process that runs checks for other threads
+# imports this module, and must start in a second (model/ and data.datasets pull in torch). Row layouts, prompts
+# included (`prompt_turns`, `prompt_and_answer`), are data/datasets.py's.
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -104,49 +107,6 @@ def reference_answer(row: Mapping[str, Any], where: str = "row") -> str | None:
         if replies and isinstance(replies[-1], str):
             return extract_answer(replies[-1])
     return None
-
-
-def prompt_and_answer(row: Mapping[str, Any], where: str) -> tuple[list[dict], str]:
-    """The prompt turns of a row (see `prompt_turns`) and its reference answer (UserError if it has none)."""
-    from model.errors import UserError
-
-    messages = prompt_turns(row, where)
-    answer = reference_answer(row, where)
-    if answer is None:
-        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} (or '#### N') in the reference reply; "
-                        "accuracy needs one.")
-    return messages, answer
-
-
-def prompt_turns(row: Mapping[str, Any], where: str) -> list[dict]:
-    """The prompt turns of a row: everything before the reference reply.
-
-    Rows: `prompt` (a string or a list of turns), optionally with `answer` (GRPO / lab:...:prompt rows), or any
-    training layout (question/answer, problem/solution, messages, prompt/completion).
-    """
-    from data.datasets import detect_layout, row_to_messages
-    from model.errors import UserError
-
-    if "prompt" in row and "completion" not in row and "chosen" not in row:
-        prompt = row["prompt"]
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            messages = [dict(m) for m in prompt]
-        else:
-            raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} turns.")
-    else:
-        layout = detect_layout(row, where)
-        full = row_to_messages(row, layout, where)
-        if full is None:
-            raise UserError(f"{where}: a plain text row has no prompt to answer; use problem/answer rows.")
-        last_user = max((i for i, m in enumerate(full) if m["role"] != "assistant"), default=-1)
-        if last_user < 0:
-            raise UserError(f"{where}: the row has no user turn to use as the prompt.")
-        messages = full[:last_user + 1]
-    if not any(str(m.get("content", "")).strip() for m in messages if m.get("role") != "system"):
-        raise UserError(f"{where}: the prompt is empty; give the problem text or drop the row.")
-    return messages
 
 
 # ----- equivalence -----
@@ -245,6 +205,22 @@ def grade(completion: str, ref: str, timeout_s: float | None = DEFAULT_TIMEOUT_S
     """(the completion's answer as extracted, check_answer of it: True / False / None on time-out)."""
     pred = extract_answer(completion)
     return pred, check_answer(pred, ref, timeout_s)
+
+
+def grade_all(completions: Sequence[str], answers: Sequence[str], timeout_s: float | None = DEFAULT_TIMEOUT_S
+              ) -> list[tuple[str | None, bool | None]]:
+    """grade() of each completion against its reference answer (answers[i] is completions[i]'s), in order."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers; one answer per completion")
+    return [grade(text, ref, timeout_s) for text, ref in zip(completions, answers)]
+
+
+def share_correct(completions: Sequence[str], answers: Sequence[str], timeout_s: float | None = DEFAULT_TIMEOUT_S
+                  ) -> float:
+    """The share of completions whose answer checks True (a check that ran out of time is not correct); 0.0 for
+    none."""
+    verdicts = [verdict is True for _, verdict in grade_all(completions, answers, timeout_s)]
+    return sum(verdicts) / len(verdicts) if verdicts else 0.0
 
 
 # ----- the time limit -----

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from data.answers import reference_answer
+from data.lab import is_lab_spec, load_lab
 from data.tokenizer import CHAT_ROLES, ChatTokenizer
 from model.errors import UserError
 
@@ -91,10 +93,13 @@ class Rows(list):
         return f"{path}, {unit} {number}"
 
 
-def row_location(rows: Sequence[Mapping[str, Any]], index: int, source: str = "") -> str:
-    """Where row `index` came from, for error messages: file and line when `rows` came from `load_rows`."""
+def row_location(rows: Sequence[Mapping[str, Any]], index: int, source: str | None = "") -> str:
+    """Where row `index` came from, for error messages: file and line when `rows` came from `load_rows`, else its
+    position, 'SOURCE, row N' ('dataset, row N' when source is empty; plain 'row N' when it is None)."""
     if isinstance(rows, Rows):
         return rows.where(index)
+    if source is None:
+        return f"row {index + 1}"
     return f"{source or 'dataset'}, row {index + 1}"
 
 
@@ -105,8 +110,6 @@ def load_rows(spec: str, split: str = "train") -> Rows:
     "data/train.jsonl"); if no file names any split, all its files. A local path always wins over a hub id.
     `lab[:split][:layout]` names the built-in lab task (data/lab.py); its split is part of the spec.
     """
-    from data.lab import is_lab_spec, load_lab
-
     if is_lab_spec(spec):
         return Rows(load_lab(spec), source=spec)
     path = Path(spec).expanduser()
@@ -394,6 +397,47 @@ def _as_messages(value: Any, role: str, field: str, where: str) -> list[dict[str
         if not isinstance(content, str):
             raise UserError(f"{where}: field '{field}', message {k} has no string 'content'; give it text (may be empty).")
         messages.append({"role": message_role, "content": content})
+    return messages
+
+
+# ----- prompts -----
+
+
+def prompt_and_answer(row: Mapping[str, Any], where: str) -> tuple[list[dict], str]:
+    """The prompt turns of a row (see `prompt_turns`) and its reference answer (UserError if it has none)."""
+    messages = prompt_turns(row, where)
+    answer = reference_answer(row, where)
+    if answer is None:
+        raise UserError(f"{where}: no 'answer' field and no \\boxed{{}} (or '#### N') in the reference reply; "
+                        "accuracy needs one.")
+    return messages, answer
+
+
+def prompt_turns(row: Mapping[str, Any], where: str) -> list[dict]:
+    """The prompt turns of a row: everything before the reference reply.
+
+    Rows: `prompt` (a string or a list of turns), optionally with `answer` (GRPO / lab:...:prompt rows), or any
+    training layout (question/answer, problem/solution, messages, prompt/completion).
+    """
+    if "prompt" in row and "completion" not in row and "chosen" not in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            messages = [dict(m) for m in prompt]
+        else:
+            raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} turns.")
+    else:
+        layout = detect_layout(row, where)
+        full = row_to_messages(row, layout, where)
+        if full is None:
+            raise UserError(f"{where}: a plain text row has no prompt to answer; use problem/answer rows.")
+        last_user = max((i for i, m in enumerate(full) if m["role"] != "assistant"), default=-1)
+        if last_user < 0:
+            raise UserError(f"{where}: the row has no user turn to use as the prompt.")
+        messages = full[:last_user + 1]
+    if not any(str(m.get("content", "")).strip() for m in messages if m.get("role") != "system"):
+        raise UserError(f"{where}: the prompt is empty; give the problem text or drop the row.")
     return messages
 
 

@@ -29,6 +29,7 @@ import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 from experiments.plots import band, pyplot, training_rows  # noqa: E402
 from cli import NON_NEGATIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
+from losses import LOSSES  # noqa: E402
 from model import UserError  # noqa: E402
 
 
@@ -102,7 +103,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
 
 def build_parser() -> Parser:
     ap = Parser(description=__doc__)
-    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"], choices=sorted(train.LOSSES),
+    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"], choices=sorted(LOSSES),
                     help="objectives to compare")
     ap.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run per objective and seed")
     ap.add_argument("--steps", type=POSITIVE_INT, default=100, help="optimizer steps per run (16 examples each)")

@@ -40,19 +40,20 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
 }
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
-# and its batches are new completions each step, so train.py's rollout block computes them live.)
+# and its batches are new completions each step, so its rollouts compute them live: training/rollouts.py.)
 NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
 
 # Objectives trained on preference pairs: each batch holds the chosen and rejected sequences of its pairs, and
 # `batch["chosen_seq"]`, `batch["rejected_seq"]` (P,) say which is which (losses/common.py, data/preference.py).
 PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
 
-# Objectives trained on completions sampled from the policy during training (train.py's rollout block), not on the
+# Objectives trained on completions sampled from the policy during training (training/rollouts.py), not on the
 # dataset's replies.
 ONLINE: set[str] = {"grpo"}
 
 # Objectives trained on the dataset's replies AND on completions of the same prompts sampled from the policy during
-# training (train.py's length-sample block adds them to each micro-batch, with `sample_of` and `length_target`).
+# training (training/batches.py's LengthSampleBatches adds them to each micro-batch, with `sample_of` and
+# `length_target`).
 WITH_SAMPLES: set[str] = {"sft_length"}
 
 

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from data.answers import (check_answer, extract_answer, extract_boxed, extract_hash_answer, grade, prompt_and_answer,
-                          reference_answer, run_with_time_limit, TimeLimitReached)
+from data.answers import (check_answer, extract_answer, extract_boxed, extract_hash_answer, grade, grade_all,
+                          reference_answer, run_with_time_limit, share_correct, TimeLimitReached)
+from data.datasets import prompt_and_answer
 from model import UserError
 
 from tests.conftest import SHARED, requires_shared
@@ -149,6 +150,18 @@ def test_grade(completion, reference, expected):
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
+
+
+def test_grade_all_and_share_correct():
+    """grade() of each completion against its own answer, in order; the share of True verdicts (0.0 for none)."""
+    texts = ["so \\boxed{5}", "#### 7", "no answer", "\\boxed{3}"]
+    answers = ["5", "8", "1", "3"]
+    assert grade_all(texts, answers) == [grade(t, a) for t, a in zip(texts, answers)]
+    assert [v for _, v in grade_all(texts, answers)] == [True, False, False, True]
+    assert share_correct(texts, answers) == 0.5
+    assert share_correct([], []) == 0.0 and grade_all([], []) == []
+    with pytest.raises(ValueError, match="one answer per completion"):
+        grade_all(texts, answers[:2])
 
 
 def test_extract_helpers():

@@ -21,6 +21,7 @@ from data.datasets import (
     Rows,
     detect_layout,
     load_rows,
+    row_location,
     row_to_messages,
     split_holdout,
     to_preference_pair,
@@ -462,3 +463,13 @@ def test_rows_where_spans_files(tmp_path):
     rows.add_file(tmp_path / "b.parquet", [{"text": "3"}])
     assert rows.where(1) == f"{tmp_path / 'a.jsonl'}, line 3"
     assert rows.where(2) == f"{tmp_path / 'b.parquet'}, row 1"
+
+
+def test_row_location_names_file_rows_by_line_and_others_by_position(tmp_path):
+    rows = Rows(source="x")
+    rows.add_file(tmp_path / "a.jsonl", [{"text": "1"}, {"text": "2"}], line_numbers=[1, 3])
+    assert row_location(rows, 1, "ignored") == f"{tmp_path / 'a.jsonl'}, line 3"
+    plain = list(rows)  # what slicing Rows gives (eval.py --limit)
+    assert row_location(plain, 1, "my-rows") == "my-rows, row 2"
+    assert row_location(plain, 1) == "dataset, row 2"
+    assert row_location(plain, 1, source=None) == "row 2"

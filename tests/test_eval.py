@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import eval as evaluation
+from data.answers import grade
 from data.lab import LAB_BASE_DIR, load_lab
 from experiments.build_lab_base import LAB_MODEL_CONFIG
 from model import Qwen2Config, load_model
@@ -35,7 +36,7 @@ from tests.conftest import REPO_ROOT, SHARED, requires_shared
     ("\\boxed{15}", "14", "15", False),
 ])
 def test_grade_hand_written_completions(completion, answer, prediction, correct):
-    assert evaluation.grade(completion, answer) == (prediction, correct)
+    assert grade(completion, answer) == (prediction, correct)
 
 
 def test_summarize_avg_and_pass_at_k():
@@ -103,10 +104,9 @@ def test_shipped_base_model_solves_the_task_in_plain_text_but_not_in_chat():
     50 test problems written as plain text, as in pre-training, well above chance), and not the chat format (the
     same problems in ChatML score low), which is what fine-tuning is for. Measured when the base was built:
     0.94 in text and 0.00 in chat on the first 100 problems; a regressed or mis-built base fails the first bound."""
-    from data.answers import grade
     from data.lab import LAB_SYSTEM, lab_problems
     from data.tokenizer import load_tokenizer
-    from sample import generate
+    from model.generate import generate
 
     model, _ = load_model(LAB_BASE_DIR)
     tok = load_tokenizer(LAB_BASE_DIR)
@@ -143,7 +143,7 @@ def test_every_metric_from_the_command_line(tmp_path: Path):
     samples = [json.loads(line) for line in (out / "acc_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12
     for s in samples:  # every recorded verdict is the grader's verdict on the recorded completion
-        assert (s["prediction"], s["correct"]) == evaluation.grade(s["completion"], s["answer"])
+        assert (s["prediction"], s["correct"]) == grade(s["completion"], s["answer"])
     for metric in ("nll", "token-probs"):
         r = run_cli(str(REPO_ROOT / "eval.py"), "--metric", metric, *common, "--model", "lab", "--data", "lab:test",
                     "--out", str(out / f"{metric}.json"), cwd=tmp_path)

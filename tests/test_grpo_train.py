@@ -18,7 +18,7 @@ import torch
 
 import train
 from model import load_model
-from sample import generate
+from model.generate import generate
 from tests.conftest import DIGITS_REWARD, LAB_IM_END, REPO_ROOT
 
 IM_END = LAB_IM_END
@@ -48,7 +48,7 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# ---------------------------------------------------------------- rollouts in sample.py
+# ---------------------------------------------------------------- rollouts in model/generate.py
 
 def test_shared_prefill_at_temperature_zero_equals_greedy_generate(tiny_lab_model):
     model, _ = load_model(str(tiny_lab_model), torch.float32, "cpu")

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import train
+from training import batches, flags
 from losses import LOSSES, SFT_NORMS, WITH_SAMPLES, hparams_for
 from losses.sft import sft_loss
 from losses.sft_length import sft_length_loss
@@ -284,16 +285,16 @@ def test_length_penalty_every_is_refused_for_other_objectives(tmp_path, capsys):
 def test_defaults_of_the_objective(tmp_path):
     args = train.parse_args(lab_flags(tmp_path / "o"))
     assert args.length_penalty_every == 1 and args.max_new_tokens == 96
-    assert train.loss_hparams(args) == {"length_coef": 0.001, "sft_norm": "sequence_sum"}  # paper 004's Eq. 2
+    assert flags.loss_hparams(args) == {"length_coef": 0.001, "sft_norm": "sequence_sum"}  # paper 004's Eq. 2
     sft = train.parse_args(["--loss", "sft", "--out", str(tmp_path / "p")])
-    assert train.loss_hparams(sft) == {"sft_norm": "token"} and sft.max_new_tokens == 512  # sft keeps its token mean
+    assert flags.loss_hparams(sft) == {"sft_norm": "token"} and sft.max_new_tokens == 512  # sft keeps its token mean
     assert train.parse_args(["--loss", "dpo", "--out", str(tmp_path / "q")]).sft_norm is None
 
 
 def test_last_reply_is_the_prompt_and_the_last_trained_span():
     from data.datasets import Example
     e = Example([1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 1, 0, 0, 1, 1, 1, 0], index=0)
-    assert train.last_reply(e) == ([1, 2, 3, 4, 5], 3)
+    assert batches.last_reply(e) == ([1, 2, 3, 4, 5], 3)
 
 
 def cli(out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:

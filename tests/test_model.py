@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model import KVCache, Qwen2Config, UserError, load_model, save_model
-from sample import generate, sample_next
+from model.generate import (decode_one_token, generate, generation_eos_ids, is_truncated, prefill, sample_next,
+                            stop_ids)
 from tests.conftest import REPO_ROOT, SHARED_MODELS, TINY_QWEN2, requires_shared, write_tiny_qwen2
 
 TOL = 1e-5
@@ -277,6 +278,35 @@ def test_sampled_generation_is_reproducible_with_a_seeded_generator(tiny_qwen2_u
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_prefill_then_decode_one_token_match_a_full_forward(tiny_qwen2_untied: Path):
+    """generate's two forwards: the prefill's logits (left-padded rows, copied num_samples times) and one decode step
+    against the cache give each row's logits of its own unpadded sequence."""
+    model = ours(tiny_qwen2_untied)
+    prompts = [random_ids(n, seed=i).tolist() for i, n in enumerate([4, 7])]
+    with torch.inference_mode():
+        state = prefill(model, prompts, 3, pad_id=0, num_samples=2)
+        token = torch.tensor([5, 6, 7, 8])  # (4,) one next token per row: prompt 0's two samples, then prompt 1's
+        logits = decode_one_token(model, token, state.next_pos, state.cache, state.decode_mask, state.prompt_len + 1)
+        for row in range(4):
+            ids = torch.tensor([prompts[row // 2]])
+            full = model(torch.cat([ids, token[row].view(1, 1)], 1))[0]  # (T + 1, V)
+            torch.testing.assert_close(state.logits[row], full[-2], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[row], full[-1], rtol=1e-4, atol=1e-4)
+    assert state.decode_mask is not None and state.next_pos.view(-1).tolist() == [4, 4, 7, 7]
+
+
+def test_stop_ids_and_is_truncated(tiny_qwen2_untied: Path, tmp_path: Path):
+    model = ours(tiny_qwen2_untied)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 4]}))
+    assert generation_eos_ids(tmp_path, model) == [9, 4]
+    assert stop_ids(tmp_path, model, 6) == [4, 6, 9] and stop_ids(tmp_path, model, 4) == [4, 9]
+    bare = tmp_path / "bare"  # no generation_config.json: config.json's eos ids
+    bare.mkdir()
+    assert stop_ids(bare, model, 6) == sorted(set(model.config.eos_token_ids) | {6})
+    assert is_truncated([3, 5], [4, 9]) and is_truncated([], [4]) and is_truncated([4, 3], (4,))
+    assert not is_truncated([3, 4], [4, 9]) and not is_truncated([9], {4, 9})
 
 
 # ---------------------------------------------------------------- sampling

@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from losses import LOSSES
+from training import checkpoint, precision
 from tests.conftest import REPO_ROOT, SHARED, SHARED_MODELS, requires_shared, write_tiny_qwen2
 
 MATH500 = SHARED / "data" / "math500" / "test.jsonl"
@@ -248,7 +250,7 @@ def resume_flags(model_dir: Path, data: Path, out: Path, max_steps: int) -> list
 @requires_shared
 def test_resume_from_step_3_reproduces_steps_4_to_6(model_dir: Path, data_dir: Path, uninterrupted: Path,
                                                     tmp_path: Path):
-    assert (uninterrupted / "step_3" / train.STATE_FILE).is_file()
+    assert (uninterrupted / "step_3" / checkpoint.STATE_FILE).is_file()
     out = tmp_path / "resumed"
     summary = train.train(train.parse_args([*resume_flags(model_dir, data_dir / "d8.jsonl", out, 6), "--resume",
                                             str(uninterrupted / "step_3")]))
@@ -299,8 +301,8 @@ def test_killed_run_resumes_to_the_same_numbers(model_dir: Path, data_dir: Path,
     left_over = [p.name for p in out.iterdir() if ".tmp-" in p.name]
 
     # Whatever the kill interrupted, `latest` is a whole checkpoint, never a temp directory.
-    latest = train.find_resume_dir(Namespace(resume="latest", out=str(out)))
-    assert latest.name.startswith("step_") and (latest / train.STATE_FILE).is_file()
+    latest = checkpoint.find_resume_dir(Namespace(resume="latest", out=str(out)))
+    assert latest.name.startswith("step_") and (latest / checkpoint.STATE_FILE).is_file()
     assert weights(latest).keys()
     resumed_from = int(latest.name.split("_")[1])
     assert 3 <= resumed_from < 6
@@ -373,7 +375,7 @@ def test_truncate_metrics_keeps_each_step_once(tmp_path: Path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1}, {"step": 2}, {"step": 3}, {"step": 3, "eval": True}, {"step": 4}, {"step": 5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
-    train.truncate_metrics(path, 3)
+    checkpoint.truncate_metrics(path, 3)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]
 
 
@@ -382,11 +384,11 @@ def test_keep_last_prunes_older_steps_only(tmp_path: Path):
     so newer than the current step) and a step_N without training state (not a checkpoint) are not touched."""
     for n in (1, 2, 4, 5, 7):
         (tmp_path / f"step_{n}").mkdir()
-        (tmp_path / f"step_{n}" / train.STATE_FILE).write_bytes(b"")
+        (tmp_path / f"step_{n}" / checkpoint.STATE_FILE).write_bytes(b"")
     (tmp_path / "step_3").mkdir()
-    train.prune_checkpoints(tmp_path, 2, current=5)
+    checkpoint.prune_checkpoints(tmp_path, 2, current=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_4", "step_5", "step_7"]
-    train.prune_checkpoints(tmp_path, 0, current=7)  # 0: keep every one
+    checkpoint.prune_checkpoints(tmp_path, 0, current=7)  # 0: keep every one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_4", "step_5", "step_7"]
 
 
@@ -401,7 +403,7 @@ def test_latest_ignores_temp_and_leftover_directories(uninterrupted: Path, tmp_p
     (half / "model.safetensors").write_bytes(b"\0" * 100)  # half-written
     (out / "step_5.old").mkdir()
     (out / "step_6").mkdir()  # no training state: not written by train.py's save
-    assert train.find_resume_dir(Namespace(resume="latest", out=str(out))) == out / "step_3"
+    assert checkpoint.find_resume_dir(Namespace(resume="latest", out=str(out))) == out / "step_3"
 
 
 # ---------------------------------------------------------------- the final checkpoint in the reference implementation
@@ -464,7 +466,7 @@ def test_reference_logprobs_cache_and_live_mode(model_dir: Path, data_dir: Path,
 
 def nan_on_calls(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None) -> None:
     """Make --loss sft return a NaN loss on the given calls (1-based; None: every call)."""
-    real = train.LOSSES["sft"]
+    real = LOSSES["sft"]
     calls = {"n": 0}
 
     @functools.wraps(real)  # keeps the signature, so hparams_for still passes sft_norm
@@ -475,7 +477,7 @@ def nan_on_calls(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int] | None) ->
             out.loss_sum = out.loss_sum * float("nan")
         return out
 
-    monkeypatch.setitem(train.LOSSES, "sft", flaky)
+    monkeypatch.setitem(LOSSES, "sft", flaky)
 
 
 @requires_shared
@@ -489,8 +491,8 @@ def test_non_finite_step_is_skipped(model_dir: Path, data_dir: Path, tmp_path: P
     assert [bool(r.get("skipped")) for r in rows] == [False, True, False, False]
     assert math.isnan(rows[1]["loss"])
     assert_same_weights(out / "step_2", out / "step_1")  # the skipped step changed nothing ...
-    state1 = torch.load(out / "step_1" / train.STATE_FILE, weights_only=False)["optimizer"]["state"]
-    state2 = torch.load(out / "step_2" / train.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    state1 = torch.load(out / "step_1" / checkpoint.STATE_FILE, weights_only=False)["optimizer"]["state"]
+    state2 = torch.load(out / "step_2" / checkpoint.STATE_FILE, weights_only=False)["optimizer"]["state"]
     assert all(torch.equal(state1[i]["exp_avg"], state2[i]["exp_avg"]) for i in state1)  # ... not even Adam's state
     with pytest.raises(AssertionError):
         assert_same_weights(out / "step_3", out / "step_2")  # ... and training went on after it
@@ -514,7 +516,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(model_dir: Path, data_dir: Path,
 
 
 def test_dynamic_loss_scaler():
-    s = train.DynamicLossScaler(scale=8.0, growth_interval=3)
+    s = precision.DynamicLossScaler(scale=8.0, growth_interval=3)
     s.update(False)
     assert (s.scale, s.clean_steps) == (4.0, 0)
     s.update(True)
@@ -532,7 +534,7 @@ def test_dynamic_loss_scaler():
         s.update(False)
     assert s.scale == 1.0  # never below 1
     s.update(True)
-    restored = train.DynamicLossScaler()
+    restored = precision.DynamicLossScaler()
     restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert restored.state_dict() == s.state_dict() == {"scale": 1.0, "clean_steps": 1}
 
@@ -554,7 +556,7 @@ def test_fp16_overflow_halves_the_scale_and_is_not_divergence(model_dir: Path, s
                                                              monkeypatch: pytest.MonkeyPatch):
     """At a scale of 2^40, fp16 gradients overflow: the step is skipped and the scale halved. These skips are the
     scaler calibrating, not divergence: --max-bad-steps must not stop the run."""
-    monkeypatch.setattr(train, "DynamicLossScaler", functools.partial(train.DynamicLossScaler, scale=2.0**40))
+    monkeypatch.setattr(precision, "DynamicLossScaler", functools.partial(precision.DynamicLossScaler, scale=2.0**40))
     out = tmp_path / "out"
     summary, rows = run(model_dir, short_rows, out, "--loss", "sft", "--dtype", "float16", "--max-steps", "1",
                         "--max-bad-steps", "1")
@@ -568,7 +570,7 @@ def test_fp16_overflow_halves_the_scale_and_is_not_divergence(model_dir: Path, s
 def test_fp16_steps_match_fp32(model_dir: Path, short_rows: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """With a scale that does not overflow, fp16 autocast steps are fp32 steps up to fp16 rounding: the scale is
     divided out of the gradient exactly once."""
-    monkeypatch.setattr(train, "DynamicLossScaler", functools.partial(train.DynamicLossScaler, scale=2.0**8))
+    monkeypatch.setattr(precision, "DynamicLossScaler", functools.partial(precision.DynamicLossScaler, scale=2.0**8))
     flags = ("--loss", "sft", "--max-steps", "2", "--lr", "1e-2")
     _, fp16 = run(model_dir, short_rows, tmp_path / "fp16", *flags, "--dtype", "float16")
     _, fp32 = run(model_dir, short_rows, tmp_path / "fp32", *flags)

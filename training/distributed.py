@@ -164,7 +164,7 @@ def shard_model(model: torch.nn.Module, device: str) -> torch.nn.Module:
 def gathered_for_generation(model: torch.nn.Module, ranks: Ranks) -> Iterator[None]:
     """Under FSDP: the whole model's parameters on every rank while the block runs, sharded again after it.
 
-    Decoding (sample.generate) runs one forward per new token, and ranks whose completions end at different lengths
+    Decoding (model.generate.generate) runs one forward per new token, and ranks whose completions end at different lengths
     run different numbers of them (a rank with no prompt runs none). A sharded forward all-gathers each block's
     parameters in its pre-forward hook, a collective, so those ranks would wait on each other forever. Here every
     rank all-gathers every unit once, in the same order (module order), and turns off resharding after forward, so

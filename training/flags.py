@@ -1,0 +1,330 @@
+"""train.py's command line: every flag with its range and help, the job's defaults (lab or real model, online or
+not), and the flag combinations refused before any model or data loads.
+
+Owns: `build_parser`, `parse_args`, the defaults tables, `loss_hparams`. Imports cli, data, losses and
+training.checkpoint (to refuse an --out that already holds a run); never a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+from pathlib import Path
+
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser,
+                 Range, device_name, model_spec, output_dir, output_problem, refuse)
+from data.lab import is_lab_spec
+from data.preference import SPANS
+from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
+                    hparams_for)
+from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS
+from losses.logprobs import DEFAULT_CHUNK
+from training import distributed
+from training.checkpoint import earlier_checkpoints
+
+def build_parser(description: str | None = None) -> Parser:
+    ap = Parser(description=description)
+    g = ap.add_argument_group("objective")
+    g.add_argument("--loss", default="sft", choices=sorted(LOSSES), help="objective, see losses/")
+    g.add_argument("--beta", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="beta of " + loss_defaults("beta") + "; grpo's KL coefficient may be 0 (no reference model "
+                   "is loaded), every other objective's must be > 0")
+    g.add_argument("--sft-norm", choices=SFT_NORMS, default=None,
+                   help="sft/dft/sft_length: mean over the step's tokens, or per sequence (mean or sum), then over "
+                   "sequences (default: token; sft_length: sequence_sum, paper 004's Eq. 2)")
+    g.add_argument("--length-normalized-ratio", action="store_true",
+                   help="minor_sft: per-token mean log-ratio instead of the sequence sum")
+    g.add_argument("--ref-model", default=None,
+                   help="reference model for " + ", ".join(sorted(NEEDS_REFERENCE)) + " (default: --model)")
+    g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
+                   help="precompute reference log-probs once (cached on disk) or keep a live reference model")
+    g.add_argument("--dpo-variant", choices=sorted(DPO_VARIANTS), default="sigmoid",
+                   help="dpo: the function of the log-ratio margin h (losses/dpo.py): sigmoid (DPO, default), hinge "
+                   "(SLiC), ipo (IPO, per-token mean log-probs), cdpo (label smoothing), robust (Chowdhury et al.)")
+    g.add_argument("--label-smoothing", type=Range(float, low=0, high=0.5, high_open=True), default=0.0,
+                   help="dpo --dpo-variant cdpo/robust: assumed probability that a pair's label is flipped, in "
+                   "[0, 0.5) (default 0)")
+    g.add_argument("--dpo-span", choices=SPANS, default="response",
+                   help="dpo/minor_dpo: sum log-probs over the responses (default) or over the whole sequence, "
+                   "prompt included (paper 000's Eq. 3; the prompt terms cancel, see losses/dpo.py)")
+    g.add_argument("--keep-ties", action="store_true",
+                   help="dpo/minor_dpo: keep pairs whose score_chosen == score_rejected (default: drop and count)")
+
+    g = ap.add_argument_group("rollouts and rewards (--loss grpo, and sft_length's samples; see losses/grpo.py, "
+                              "losses/sft_length.py, data/rewards.py)")
+    g.add_argument("--num-generations", type=Range(int, low=2), default=8, help="completions sampled per prompt, G (>= 2; "
+                   "default 8). A step has --batch-size x --grad-accum prompts, a micro-batch --batch-size of them. "
+                   "sft_length: the k samples per reply of its length penalty")
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
+                   help="longest completion in tokens (>= 1; default 512, lab 96)")
+    g.add_argument("--temperature", type=POSITIVE_FLOAT, default=1.0, help="sampling temperature (> 0; default 1.0)")
+    g.add_argument("--top-p", type=TOP_P, default=1.0, help="nucleus sampling mass (0 < p <= 1; default 1: off)")
+    g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="sample among the k most likely tokens (>= 0; default 0: off)")
+    g.add_argument("--mu", type=POSITIVE_INT, default=1, help="optimizer steps per rollout batch (>= 1; default 1); with "
+                   "mu > 1 the old log-probs are computed once, before the batch's first update")
+    g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
+                   help="group baseline: grpo (r - mean) / std, rloo leave-one-out mean, mean (Dr. GRPO); default grpo")
+    g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token", help="token: mean over the step's "
+                   "completion tokens (DAPO, default); sequence: per-completion mean, then mean (GRPO paper); "
+                   "constant: token sum / --max-new-tokens, mean over completions (Dr. GRPO)")
+    g.add_argument("--clip-eps-low", type=Range(float, low=0, high=1, high_open=True), default=0.2, help="ratio clipped below at 1 - eps (0 <= eps < 1; "
+                   "default 0.2)")
+    g.add_argument("--clip-eps-high", type=NON_NEGATIVE_FLOAT, default=0.2, help="ratio clipped above at 1 + eps (>= 0; default "
+                   "0.2; DAPO's clip-higher uses 0.28)")
+    g.add_argument("--mask-truncated", action="store_true",
+                   help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
+    g.add_argument("--skip-zero-variance", action="store_true",
+                   help="leave groups whose rewards are all equal out of the loss and its denominator")
+    g.add_argument("--reward", action="append", default=None, metavar="NAME[:W] | FILE.py:FN[:W]",
+                   help="a reward and its weight, repeatable: accuracy, format, length, language, or a function "
+                   "from a file (default: accuracy)")
+    g.add_argument("--format-pattern", default=None, help="format reward: a regex the completion must contain "
+                   "(default: a closed \\boxed{})")
+    g.add_argument("--length-target", type=NON_NEGATIVE_INT, default=256, help="length reward: tokens allowed before the "
+                   "penalty starts (>= 0; default 256)")
+    g.add_argument("--length-coef", type=NON_NEGATIVE_FLOAT, default=0.001,
+                   help="length reward: lambda of -lambda max(0, len - target)^2; sft_length: lambda of its penalty "
+                   "lambda E[max(0, len(sample) - len(reply))^2] (>= 0; default 0.001, paper 004)")
+    g.add_argument("--length-penalty-every", type=POSITIVE_INT, default=None,
+                   help="sft_length: draw --num-generations samples per reply, and apply the length penalty, on "
+                   "every N-th step only (>= 1; default 1: every step; paper 004 used 100)")
+    g.add_argument("--eval-samples", type=NON_NEGATIVE_INT, default=4,
+                   help="held-out evaluation: completions sampled per prompt at --temperature, scored as avg@k, the "
+                   "accuracy the rollouts optimise (>= 0; default 4; 0: greedy accuracy only)")
+    g.add_argument("--answer-timeout", type=POSITIVE_FLOAT, default=5.0,
+                   help="seconds allowed per answer check before the reward is None (> 0; default 5)")
+
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default="lab", help="checkpoint directory, hub id, or 'lab' (the lab's tiny base model)")
+    g.add_argument("--data", default="lab", help="a .jsonl/.json/.parquet file, a directory, a hub dataset id, or "
+                   "lab[:split][:layout] (the built-in task, see data/lab.py)")
+    g.add_argument("--data-split", default="train", help="split of a directory or hub --data")
+    g.add_argument("--eval-data", default=None, help="held-out data")
+    g.add_argument("--eval-split", default="test", help="split of a directory or hub --eval-data")
+    g.add_argument("--eval-fraction", type=Range(float, low=0, high=1, high_open=True), default=None,
+                   help="fraction of --data held out for eval when there is no --eval-data")
+    g.add_argument("--max-len", type=Range(int, low=2), default=None, help="truncate examples to this many tokens")
+    g.add_argument("--max-examples", type=POSITIVE_INT, default=None,
+                   help="use only the first N examples (and eval examples) (default: all)")
+    g.add_argument("--pack", action="store_true", help="pack examples into rows of --max-len tokens")
+
+    g = ap.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="optimizer steps; wins over --epochs")
+    g.add_argument("--epochs", type=POSITIVE_FLOAT, default=None, help="passes over the data, when no --max-steps")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="examples (or packed rows) per micro-batch")
+    g.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=0.0, help="learning rate at the end of the schedule")
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=None,
+                   help="linear warmup steps (default: --warmup-ratio of the steps)")
+    g.add_argument("--warmup-ratio", type=FRACTION, default=None, help="warmup share of the steps")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning rate after the warmup")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW decay (never on norms and biases)")
+    g.add_argument("--adam-betas", type=Range(float, low=0, high=1, high_open=True), nargs=2, default=(0.9, 0.999),
+                   metavar=("BETA1", "BETA2"), help="AdamW's moment decay rates")
+    g.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0, help="max grad norm (0: no clipping)")
+
+    g = ap.add_argument_group("system")
+    g.add_argument("--device", type=device_name, default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype; master weights stay fp32 (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute each decoder block in backward")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder block for training (the first steps pay the compilation, and "
+                        "each new sequence shape can pay it again; sampling stays eager)")
+    g.add_argument("--chunk-size", type=POSITIVE_INT, default=DEFAULT_CHUNK,
+                   help="tokens per chunk in the log-prob kernel")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the data order, the holdout split and sampling")
+
+    g = ap.add_argument_group("several processes (launch with torchrun; see training/distributed.py)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of keeping "
+                   "a whole copy on each; needs torchrun")
+    g.add_argument("--dist-timeout", type=Range(int, low=1), default=1800,
+                   help="seconds any collective may wait for the other ranks before this rank gives up and the job "
+                   "ends; it must cover the longest work rank 0 does alone, a checkpoint write")
+
+    g = ap.add_argument_group("logging and checkpoints")
+    g.add_argument("--out", type=output_dir, default=None, help="output directory (default: runs/LOSS)")
+    g.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=None, help="steps between evals (0: only at the end)")
+    g.add_argument("--save-every", type=NON_NEGATIVE_INT, default=0, help="steps between checkpoints (0: only final)")
+    g.add_argument("--keep-last", type=NON_NEGATIVE_INT, default=0,
+                   help="keep only the newest N step_N checkpoints (0: keep every one)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
+                   help="continue a run: 'auto' (also plain --resume) from the newest complete step_N in --out, or a "
+                   "fresh start when there is none (so a job script can always pass it); 'latest' the same but "
+                   "there must be one; or a step_N directory. A run whose final/ exists is not trained again "
+                   "(default: off, a fresh run, refused when --out already holds checkpoints)")
+    g.add_argument("--report-problems", type=NON_NEGATIVE_INT, default=None,
+                   help="greedy accuracy on the first N problems of --eval-data, before and after training, printed "
+                   "at the end with the held-out NLL and written to OUT/summary.json (0: off)")
+    g.add_argument("--patience", type=NON_NEGATIVE_INT, default=0,
+                   help="stop after this many evals without improvement (0: never)")
+    g.add_argument("--max-bad-steps", type=POSITIVE_INT, default=5, help="stop after this many non-finite steps in a row")
+    g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of saved weights (float32 keeps resume exact)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
+    document_job_defaults(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """Parse and check every flag, fill in the job's defaults; refuses bad values before any model or data loads."""
+    ap = build_parser(description)
+    args = ap.parse_args(argv)
+    apply_defaults(args)
+    if args.loss in PREFERENCE_LOSSES:
+        check_preference_flags(ap, args)
+    if args.loss in ONLINE:
+        check_rollout_flags(ap, args)
+    elif args.beta == 0:
+        refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
+    check_length_sample_flags(ap, args)
+    if args.fsdp:
+        check_fsdp_flags(ap, args)
+    if args.min_lr > args.lr:
+        refuse(ap, "--min-lr", f"{args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from --lr down to it.")
+    problem = output_problem(args.out, want_dir=True)
+    if problem:
+        refuse(ap, "--out", problem + ".")
+    earlier = earlier_checkpoints(Path(args.out))
+    if args.resume is None and earlier:
+        refuse(ap, "--out", f"{args.out} already holds checkpoints of an earlier run ({', '.join(earlier)}); pass "
+               f"--resume to continue it, or another --out (or delete {args.out}) to start over.")
+    return args
+
+
+def check_fsdp_flags(ap, args) -> None:
+    """--fsdp combinations this code does not run (each flag's own range is checked by its declaration)."""
+    if not distributed.launched_by_torchrun():
+        refuse(ap, "--fsdp", "shards the model over several processes; launch with torchrun --nproc_per_node N "
+               "train.py ... --fsdp, or drop --fsdp for one process.")
+
+
+def loss_defaults(hparam: str) -> str:
+    """'minor_sft / sft_dpo (default: the loss's own: minor_sft 0.04, sft_dpo 0.04)', from the loss signatures."""
+    owners = {name: inspect.signature(fn).parameters[hparam].default for name, fn in sorted(LOSSES.items())
+              if hparam in inspect.signature(fn).parameters}
+    return (" / ".join(owners) + " (default: the loss's own: "
+            + ", ".join(f"{name} {value}" for name, value in owners.items()) + ")")
+
+
+# Defaults that depend on the job. Real models follow the DFT paper's recipe (AdamW, lr 5e-5, cosine, 10% warmup).
+# The lab (a few-million-parameter model on a CPU, data/lab.py) needs a larger learning rate and a short budget;
+# those defaults apply when --data is a lab spec. Any flag given on the command line wins.
+DEFAULTS = {"lr": 5e-5, "warmup_ratio": 0.1, "epochs": 1.0, "batch_size": 4, "max_len": 1024, "report_problems": 0,
+            "eval_fraction": 0.0, "eval_every": 0}
+LAB_DEFAULTS = {"lr": 1e-3, "warmup_ratio": 0.1, "max_steps": 100, "batch_size": 16, "max_len": 256,
+                "eval_data": "lab:test", "eval_fraction": 0.0, "eval_every": 50, "report_problems": 50}
+# Online objectives (grpo) override these: prompts per micro-batch, completion length, a smaller learning rate, and on
+# the lab a short run of 16 prompts x 8 completions a step that evaluates greedy and sampled (avg@4) accuracy on the
+# held-out prompts every 10 steps, before the first and after the last (README: what these settings measured; 8
+# prompts a step raised avg@4 about half as much, lr 1e-3 collapsed the policy).
+ONLINE_DEFAULTS = {"lr": 1e-6, "warmup_ratio": 0.0, "batch_size": 4, "max_new_tokens": 512, "max_len": 2048}
+LAB_ONLINE_DEFAULTS = {"lr": 3e-4, "warmup_ratio": 0.0, "max_steps": 40, "batch_size": 16, "max_new_tokens": 96,
+                       "eval_data": "lab:test:prompt", "eval_every": 10}
+
+
+def document_job_defaults(parser: argparse.ArgumentParser) -> None:
+    """-h shows both tables: 'default: 0.001 on the lab, 5e-05 otherwise'."""
+    for action in parser._actions:
+        lab, other = LAB_DEFAULTS.get(action.dest), DEFAULTS.get(action.dest)
+        if lab is None and other is None:
+            continue
+        if action.dest == "epochs":
+            text = f"{other}; on the lab --max-steps {LAB_DEFAULTS['max_steps']} instead"
+        elif action.dest == "max_steps":
+            text = f"{lab} on the lab unless --epochs is given, otherwise from --epochs"
+        elif action.dest == "eval_data":
+            text = f"{lab} on the lab, otherwise none: see --eval-fraction"
+        elif lab is None or lab == other:
+            text = f"{other}"
+        else:
+            text = f"{lab} on the lab, {other} otherwise"
+        online = LAB_ONLINE_DEFAULTS.get(action.dest)
+        if online is not None and online != lab:
+            text += f"; grpo: {online} on the lab, {ONLINE_DEFAULTS.get(action.dest, other)} otherwise"
+        action.help = f"{action.help} (default: {text})"
+
+
+def apply_defaults(args: argparse.Namespace) -> None:
+    if args.loss in PREFERENCE_LOSSES and args.data == "lab":
+        args.data = "lab:train:preference"  # the lab's pairs: a correct and a corrupted solution
+    lab = is_lab_spec(args.data)
+    if args.loss in PREFERENCE_LOSSES and lab and args.eval_data is None:
+        args.eval_data = "lab:test:preference"
+    table = LAB_DEFAULTS if lab else DEFAULTS
+    if args.loss in ONLINE:
+        table = {**table, **(LAB_ONLINE_DEFAULTS if lab else ONLINE_DEFAULTS)}
+    for key, value in table.items():
+        if key == "max_steps" and args.epochs is not None:
+            continue  # an explicit --epochs sets the budget
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key, value in DEFAULTS.items():  # flags the lab table leaves out
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.max_new_tokens is None:  # sft_length samples like grpo: the lab's replies are short
+        args.max_new_tokens = (LAB_ONLINE_DEFAULTS if lab and args.loss in WITH_SAMPLES else ONLINE_DEFAULTS)[
+            "max_new_tokens"]
+    if args.sft_norm is None:  # the objective's own reduction (sft_length's is paper 004's per-sequence sum)
+        own = inspect.signature(LOSSES[args.loss]).parameters.get("sft_norm")
+        args.sft_norm = own.default if own else None
+    if args.reward is None:
+        args.reward = ["accuracy"]
+    if args.out is None:
+        args.out = f"runs/{args.loss}"
+    args.model = model_spec(args.model)
+    if args.ref_model is not None:
+        args.ref_model = model_spec(args.ref_model)
+
+
+def loss_hparams(args: argparse.Namespace) -> dict:
+    """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
+    flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
+             "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
+             "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
+             "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef}
+    return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
+
+
+def check_preference_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    if args.label_smoothing and (args.loss != "dpo" or args.dpo_variant not in ("cdpo", "robust")):
+        refuse(ap, "--label-smoothing", f"{args.label_smoothing:g} applies only to --loss dpo --dpo-variant cdpo or "
+               "robust; drop it or pick one of those.")
+
+
+def check_rollout_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    if args.pack:
+        refuse(ap, "--pack", "does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
+    if args.format_pattern is not None:
+        try:
+            re.compile(args.format_pattern)
+        except re.error as e:
+            refuse(ap, "--format-pattern", f"{args.format_pattern!r} is not a valid regular expression ({e}).")
+
+
+def check_length_sample_flags(ap, args) -> None:
+    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    if args.loss not in WITH_SAMPLES:
+        if args.length_penalty_every is not None:
+            refuse(ap, "--length-penalty-every", f"applies only to --loss {', '.join(sorted(WITH_SAMPLES))}; drop it.")
+        return
+    if args.length_penalty_every is None:
+        args.length_penalty_every = 1
+    # The score-function estimator is unbiased only for samples of the policy itself.
+    for flag, value, plain in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
+                               ("--top-k", args.top_k, 0)):
+        if value != plain:
+            refuse(ap, flag, f"must stay {plain:g} for --loss {args.loss}: its penalty gradient needs samples of the "
+                   "policy itself (losses/sft_length.py, departure 5); drop it.")
+    if args.pack:
+        refuse(ap, "--pack", f"does not apply to --loss {args.loss} (each reply is batched with its samples); drop it.")
+    if args.mu != 1:
+        refuse(ap, "--mu", f"applies only to --loss grpo; --loss {args.loss} draws fresh samples for each update.")
+
+

@@ -1,0 +1,158 @@
+"""A run's pieces, built from its flags before the first step: the output folder checked (and a resume found), the
+data tokenized, the reference prepared, the step's batch source chosen, the model made ready to train.
+
+Every branch on the kind of objective (online, preference, with samples, needs a reference) is taken here, once,
+so that the loop in train.py runs the same code for all of them.
+
+Owns: `open_output`, `load_data`, `make_batch_source`, `prepare_model`. Imports data, losses, model, training.*.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.datasets import load_rows, reference_answer, row_location, split_holdout, tokenize_rows
+from data.preference import flatten, tokenize_preference_rows
+from data.rewards import REWARD_OPTIONS, build_rewards
+from losses import NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, WITH_SAMPLES
+from model import UserError, recover_interrupted_saves
+from training import distributed
+from training.batches import BatchSource, DatasetBatches, LengthSampleBatches, RolloutBatches
+from training.checkpoint import find_resume_dir, finished_run
+from training.evaluation import make_evaluator, report_problems
+from training.precision import Precision
+from training.reference import live_reference, load_reference
+from training.rollouts import prompt_examples
+
+
+def open_output(args, ranks: distributed.Ranks) -> tuple[dict | None, Path | None]:
+    """(the summary of a finished run when --resume auto/latest finds one, else None; the step_N checkpoint to
+    resume from, or None for a fresh start). Tidies what an interrupted checkpoint write left first."""
+    out = Path(args.out)
+    if ranks.main:
+        for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
+            print(f"{out}: {done} (left by an interrupted checkpoint write)")
+    distributed.barrier(ranks)  # no rank looks for checkpoints while rank 0 tidies them
+    if args.resume in ("auto", "latest"):
+        finished = finished_run(out)
+        if finished:
+            print(finished["message"])
+            return finished, None
+    return None, find_resume_dir(args) if args.resume else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunData:
+    examples: list  # Examples, PreferencePairs (dpo family) or prompts (grpo)
+    eval_examples: list
+    rows: object = None  # grpo: the rows of --data and --eval-data (their reference answers score the rollouts)
+    eval_rows: object = None
+    problems: list = field(default_factory=list)  # --report-problems: (prompt turns, answer) for greedy accuracy
+
+
+def data_report(stats: dict, spec: str, max_len: int) -> str:
+    return (f"{stats['rows']} rows from {spec}, {stats['truncated']} truncated to {max_len} tokens, "
+            f"{stats['empty_replies']} dropped because every assistant reply is empty, "
+            f"{stats['dropped_empty']} dropped with no trainable token left")
+
+
+def load_examples(args, tok, spec: str, split: str, report: bool = False) -> list:
+    """Tokenized examples of a dataset spec: Examples, or PreferencePairs for the preference objectives."""
+    rows = load_rows(spec, split)
+    if args.loss not in PREFERENCE_LOSSES:
+        examples, stats = tokenize_rows(rows, tok, args.max_len, source=spec)
+        print(f"{'data' if report else 'eval data'}: {data_report(stats, spec, args.max_len)}")
+        return examples
+    pairs, stats = tokenize_preference_rows(rows, tok, args.max_len, source=spec, keep_ties=args.keep_ties,
+                                            span=args.dpo_span)
+    print(f"{'data' if report else 'eval data'}: {stats['rows']} preference rows from {spec}: "
+          f"{stats['ties']} ties dropped, {stats['truncated']} pairs truncated to {args.max_len} tokens, "
+          f"{stats['dropped_empty']} dropped with no trainable token left, {stats['pairs']} pairs")
+    return pairs
+
+
+def load_prompts(args, tok, spec: str, split: str, report: bool = False) -> tuple[list, object]:
+    """grpo trains on the prompts only (up to the assistant header); rollouts complete them. (prompts, rows)."""
+    rows = load_rows(spec, split)
+    prompts, stats = prompt_examples(rows, tok, args.max_len, source=spec, max_new_tokens=args.max_new_tokens)
+    if report:
+        print(f"data: {stats['rows']} rows from {spec}, {stats['truncated']} prompts dropped with no room for "
+              f"--max-new-tokens in --max-len {args.max_len}")
+    return prompts, rows
+
+
+def load_data(args, tok) -> RunData:
+    """--data (and --eval-data, or an --eval-fraction of --data) as the objective trains on it."""
+    online = args.loss in ONLINE
+    data = RunData([], [])
+    if online:
+        data.examples, data.rows = load_prompts(args, tok, args.data, args.data_split, report=True)
+        data.eval_rows = data.rows
+    else:
+        data.examples = load_examples(args, tok, args.data, args.data_split, report=True)
+    if args.eval_data and online:
+        data.eval_examples, data.eval_rows = load_prompts(args, tok, args.eval_data, args.eval_split)
+    elif args.eval_data:
+        data.eval_examples = load_examples(args, tok, args.eval_data, args.eval_split)
+    elif args.eval_fraction > 0:
+        data.examples, data.eval_examples = split_holdout(data.examples, args.eval_fraction, args.seed)
+    if args.max_examples:
+        data.examples, data.eval_examples = data.examples[:args.max_examples], data.eval_examples[:args.max_examples]
+    if not data.examples:
+        raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
+    if not online:  # online runs report their held-out eval instead
+        data.problems = report_problems(args)
+    if online and "accuracy" in args.reward:
+        for e in data.examples:
+            if reference_answer(data.rows[e.index]) is None:
+                raise UserError(f"{row_location(data.rows, e.index)}: the accuracy reward needs a reference answer "
+                                "('answer', a boxed solution or GSM8K's '#### N'); this row has none.")
+    return data
+
+
+def load_rewards(args) -> list | None:
+    """grpo's reward functions (data/rewards.py), checked before any model or data loads; None for the others."""
+    return build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS}) if args.loss in ONLINE else None
+
+
+def make_batch_source(args, data: RunData, model, tok, rewards, eos: list[int], hparams: dict, device: str,
+                      precision: Precision, ranks: distributed.Ranks) -> tuple[BatchSource, object]:
+    """The source of the run's step batches, with the reference its objective needs, and the held-out evaluator
+    (a function of the model, or None without held-out data)."""
+    kind = "rollouts" if args.loss in ONLINE else "pairs" if args.loss in PREFERENCE_LOSSES else "examples"
+    evaluator = make_evaluator(args, data.eval_examples, data.eval_rows, tok, rewards, eos, precision, ranks,
+                               kind) if data.eval_examples else None
+    if kind == "rollouts":
+        ref_model = live_reference(args, device) if hparams.get("beta", 0.0) > 0 else None
+        return RolloutBatches(data.examples, args, tok, device, precision, ranks, model, ref_model, data.rows,
+                              rewards, eos), evaluator
+    ref_model, ref_table = None, None
+    if args.loss in NEEDS_REFERENCE:
+        ref_examples = flatten(data.examples) if kind == "pairs" else data.examples
+        ref_model, ref_table = load_reference(args, ref_examples, tok, device, precision, ranks)
+    if args.loss in WITH_SAMPLES:
+        return LengthSampleBatches(data.examples, args, tok, device, precision, ranks, model, eos), evaluator
+    return DatasetBatches(data.examples, args, tok, device, precision, ranks, preference=kind == "pairs",
+                          ref_model=ref_model, ref_table=ref_table), evaluator
+
+
+def prepare_model(model, args, device: str, ranks: distributed.Ranks) -> None:
+    """Gradient checkpointing, train mode, torch.compile of each block, FSDP sharding: in that order."""
+    model.gradient_checkpointing = args.grad_checkpointing
+    model.train()
+    if args.compile:  # each block on its own, before sharding (a block is FSDP's unit); names and state dict unchanged
+        for layer in model.model.layers:
+            layer.compile()
+    if ranks.fsdp:
+        distributed.shard_model(model, device)
