@@ -36,8 +36,10 @@ What the reader should know:
 2. Every number written stays in 0..99 (Difficulty.max_value): a subtraction takes at most what there is, and a
    step that would push the count past 99 is redrawn. Amounts added or taken away are 1-9, and so are multipliers
    and group sizes.
-3. Numbers are whole tokens: the lab tokenizer keeps Qwen2's pre-tokenizer except that a number (with its leading
-   space) stays in one piece, so each of " 0" .. " 99" is one id. With Qwen2's one-token-per-digit split, a 3M
+3. Numbers are whole tokens: each of " 0" .. " 99" and "10" .. "99" is one id. The BPE is trained with Qwen2's
+   split changed to keep a number and its leading space in one piece, and shipped with Qwen2's own pipeline and
+   those number tokens as added tokens, so any loader of a lab checkpoint, AutoTokenizer included, gets the same
+   ids (data/tokenizer.py, `whole_numbers_as_added_tokens`). With Qwen2's one-token-per-digit split, a 3M
    model must learn multi-token copying and carrying, which a few million CPU tokens of pre-training do not teach
    (greedy accuracy 0.08 after 1,500 steps); with whole numbers each step is one fact to recall and the base
    learns the task. The lab is for seeing what an objective does, not for studying digit arithmetic. A typical
@@ -63,12 +65,13 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from data.answers import answers_match, extract_boxed, normalize_answer  # noqa: F401 (re-exported)
-from data.tokenizer import QWEN2_PATTERN, ChatTokenizer, _atomic_write, load_tokenizer
+from data.tokenizer import (WHOLE_NUMBER_PATTERN, ChatTokenizer, _atomic_write, added_tokens_decoder,
+                            load_tokenizer, whole_numbers_as_added_tokens)
 
-# Qwen2's pre-tokenizer splits every digit; the lab's keeps a number (with its leading space) in one piece, so the
-# BPE learns each number up to the task's max_value as one token. See point 3 of the module docstring for why.
-LAB_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"| ?\p{N}+|")
-assert LAB_PATTERN != QWEN2_PATTERN
+# Qwen2's pre-tokenizer splits every digit; the lab's BPE is trained with a split that keeps a number (with its
+# leading space) in one piece, so it learns each number up to the task's max_value as one token. See point 3 of
+# the module docstring for why, and how the shipped files keep those tokens whole under Qwen2's own split.
+LAB_PATTERN = WHOLE_NUMBER_PATTERN
 from model.errors import UserError
 
 LAB_SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
@@ -516,13 +519,11 @@ def _tokenizer_corpus() -> list[str]:
     return sorted(lines)
 
 
-def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
-    """Train the lab's byte-level BPE on the lab corpus and write tokenizer.json + tokenizer_config.json.
-
-    The pipeline is Qwen2's (NFC, Qwen2's split regex, byte-level symbols and decoder), so digits stay single
-    tokens. The special tokens follow the BPE vocabulary, in Qwen's order. The result is a pure function of the
-    corpus: the trainer breaks ties in pair counts by pair ids, so it is byte-for-byte reproducible.
-    """
+def train_lab_bpe() -> Tokenizer:
+    """The lab's byte-level BPE as trained: Qwen2's pipeline (NFC, byte-level symbols and decoder) with LAB_PATTERN's
+    split, so every number of the corpus becomes one token, and the special tokens after the BPE vocabulary, in
+    Qwen's order. A pure function of the corpus: the trainer breaks ties in pair counts by pair ids. (Lab
+    checkpoints written before the numbers became added tokens hold this tokenizer.)"""
     tokenizer = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -538,19 +539,26 @@ def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
         special_tokens=[],
     )
     tokenizer.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    first_special = tokenizer.get_vocab_size()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer
 
-    added = {
-        str(first_special + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                 "single_word": False, "special": True}
-        for i, t in enumerate(SPECIAL_TOKENS)
-    }
+
+def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
+    """Train the lab's BPE (`train_lab_bpe`) and write tokenizer.json + tokenizer_config.json, byte-for-byte
+    reproducibly.
+
+    The files have Qwen2's exact pipeline and the number tokens as added tokens (`whole_numbers_as_added_tokens`),
+    listed in the config's `added_tokens_decoder` with the special tokens: any loader, including one that rebuilds
+    Qwen2's pipeline from the vocabulary (AutoTokenizer for a model_type qwen2 checkpoint), keeps every number of
+    the task in one token at the ids the BPE gave it.
+    """
+    tokenizer = whole_numbers_as_added_tokens(train_lab_bpe())
+
     # Mirrors Qwen2.5-Instruct: chats end with <|im_end|> (eos), <|endoftext|> pads.
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,
-        "added_tokens_decoder": added,
+        "added_tokens_decoder": added_tokens_decoder(tokenizer),  # the reference adds these (numbers included)
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
         "chat_template": LAB_CHAT_TEMPLATE,
@@ -560,7 +568,9 @@ def build_lab_tokenizer(out_dir: str | Path = LAB_TOKENIZER_DIR) -> Path:
         "model_max_length": 2048,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",  # not Qwen2Tokenizer: that would impose the digit-splitting pattern
+        # Loaded as written (tokenizer.json) where the config is honoured; transformers 5 builds Qwen2Tokenizer for a
+        # model_type qwen2 checkpoint whatever this says, and both give the same ids.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": None,
     }
     out = Path(out_dir)

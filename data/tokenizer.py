@@ -19,6 +19,13 @@ What the reader should know:
 4. No BOS/EOS is added by `encode` (Qwen2 adds none); EOS for training comes from the template's <|im_end|>.
 5. Without a chat_template, chats render as plain ChatML with no default system turn (the reference would
    refuse); a template that is not ChatML is refused, with the file named, when a chat is rendered.
+6. What a checkpoint's files must say for other tools to get our ids: for a config.json with model_type "qwen2",
+   transformers 5 (and with it lm-eval-harness and vLLM) loads Qwen2Tokenizer whatever `tokenizer_class` says, and
+   that class keeps only the vocabulary and merges of tokenizer.json: it rebuilds Qwen2's normalizer and
+   pre-tokenizer and adds the tokens of tokenizer_config.json's `added_tokens_decoder`. So a tokenizer we save must
+   have exactly Qwen2's pipeline, with anything else it needs as added tokens listed in that config: the lab's
+   whole-number tokens are added tokens (`whole_numbers_as_added_tokens`), and `save` writes the config's
+   `added_tokens_decoder` from the tokenizer itself. Tests load our checkpoints that way and compare ids.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ from model.errors import UserError
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+
+# Qwen2's split with one change: a number and its leading space stay one piece (" 47"), so a BPE trained with it
+# learns whole-number tokens. The lab tokenizer is trained with it (data/lab.py) and then shipped with Qwen2's own
+# split and its number tokens as added tokens (`whole_numbers_as_added_tokens`); a tokenizer.json that still has
+# this split (lab checkpoints written before that change) is converted the same way when it is loaded.
+WHOLE_NUMBER_PATTERN = QWEN2_PATTERN.replace(r"|\p{N}|", r"| ?\p{N}+|")
+assert WHOLE_NUMBER_PATTERN != QWEN2_PATTERN
+
+# A byte-level BPE token that is a number, with or without its leading space ("Ġ" is the byte-level space).
+_NUMBER_TOKEN = re.compile(r"\u0120?[0-9]+")
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -162,14 +179,29 @@ class ChatTokenizer:
     # ----- saving -----
 
     def save(self, out_dir: str | Path) -> None:
-        """Write tokenizer.json and copy the source's tokenizer config files, so the reference loads `out_dir`."""
+        """Write tokenizer.json and the source's tokenizer config files, so the reference loads `out_dir` to our ids.
+
+        tokenizer_config.json is copied unchanged when its `added_tokens_decoder` lists exactly this tokenizer's
+        added tokens, and rewritten with them otherwise (a lab checkpoint converted on load): the reference takes
+        its added tokens from that field, not from tokenizer.json (point 6 of the module docstring).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "tokenizer.json", self._tokenizer.to_str(pretty=True).encode("utf-8"))
+        files = {"tokenizer.json": self._tokenizer.to_str(pretty=True).encode("utf-8")}
         for name in _COPIED_TOKENIZER_FILES:
             src = self._source_dir / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                _atomic_write(out / name, src.read_bytes())
+            if src.is_file():
+                files[name] = src.read_bytes()
+        if "tokenizer_config.json" in files:
+            config = json.loads(files["tokenizer_config.json"])
+            added = added_tokens_decoder(self._tokenizer)
+            if _config_added_tokens(config) != added:
+                config["added_tokens_decoder"] = added
+                files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+        for name, data in files.items():
+            # Saving into the source directory rewrites only what changed.
+            if not ((out / name).is_file() and (out / name).read_bytes() == data):
+                _atomic_write(out / name, data)
 
     # ----- helpers -----
 
@@ -212,6 +244,8 @@ def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
             raise UserError(
                 f"{tokenizer_file} could not be parsed ({exc}); restore the file from the model's source."
             ) from exc
+        if _splits_numbers_whole(tokenizer):
+            tokenizer = whole_numbers_as_added_tokens(tokenizer)
     else:
         tokenizer = _build_qwen2_bpe(directory)
     _add_config_tokens(tokenizer, config, config_file)
@@ -254,16 +288,97 @@ def _build_qwen2_bpe(directory: Path) -> Tokenizer:
 
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    tokenizer.pre_tokenizer = _qwen2_pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def whole_numbers_as_added_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A BPE trained with WHOLE_NUMBER_PATTERN, rewritten so that every loader keeps its number tokens whole.
+
+    The result has exactly Qwen2's pipeline (the one the reference rebuilds, point 6 of the module docstring), and
+    each number token longer than one character (" 7", "47", " 47") becomes a non-special added token at its BPE
+    id. Added tokens are matched in the raw text before the split (leftmost-longest), by every loader, so a number of
+    at most two digits with its leading space is one id as before, where Qwen2's split alone would give one id per
+    digit. In the BPE vocabulary those tokens are renamed to their raw text (" 47", not "Ġ47"): that is the
+    content a loader looks up when it adds them, and how it finds their ids. The merges that built them go (after
+    Qwen2's split they could never apply). Single digits are byte tokens and stay as they are.
+
+    Texts whose numbers all have at most two digits, as every lab text, keep their ids (tests/test_tokenizer.py
+    checks the lab splits). A longer digit run is now cut leftmost-longest into number tokens ("110" -> "11", "0")
+    where the BPE made its own pieces ("1", "10").
+    """
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    numbers = {token for token in model["vocab"] if len(token) > 1 and _NUMBER_TOKEN.fullmatch(token)}
+
+    def raw(token: str) -> str:
+        return token.replace("\u0120", " ") if token in numbers else token
+
+    model["vocab"] = {raw(token): token_id for token, token_id in model["vocab"].items()}
+    merges = [pair.split(" ") if isinstance(pair, str) else pair for pair in model["merges"]]
+    model["merges"] = [pair for pair in merges if "".join(pair) not in numbers]
+    if any(part in numbers for pair in model["merges"] for part in pair):
+        raise ValueError("a merge builds on a number token into something else; the BPE was not trained with "
+                         "WHOLE_NUMBER_PATTERN")
+    data["added_tokens"] = sorted(
+        data["added_tokens"]
+        + [
+            {"id": model["vocab"][raw(token)], "content": raw(token), "single_word": False, "lstrip": False,
+             "rstrip": False, "normalized": False, "special": False}
+            for token in numbers
+        ],
+        key=lambda added: added["id"],
+    )
+    converted = Tokenizer.from_str(json.dumps(data))
+    converted.normalizer = normalizers.NFC()
+    converted.pre_tokenizer = _qwen2_pre_tokenizer()
+    return converted
+
+
+def added_tokens_decoder(tokenizer: Tokenizer) -> dict[str, dict[str, Any]]:
+    """The tokenizer's added tokens as tokenizer_config.json's `added_tokens_decoder` (id -> token), by id."""
+    return {
+        str(token_id): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                        "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
+        for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
+    }
+
+
+def _config_added_tokens(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A config's `added_tokens_decoder` as `added_tokens_decoder()` writes it, with `_add_config_tokens`'s defaults."""
+    entries = config.get("added_tokens_decoder") or {}
+    if not isinstance(entries, dict):
+        return {}
+    normalized = {}
+    for token_id, spec in entries.items():
+        spec = spec if isinstance(spec, dict) else {"content": str(spec)}
+        normalized[str(token_id)] = {
+            "content": spec.get("content"), "lstrip": spec.get("lstrip", False),
+            "normalized": spec.get("normalized", False), "rstrip": spec.get("rstrip", False),
+            "single_word": spec.get("single_word", False), "special": spec.get("special", True),
+        }
+    return normalized
+
+
+def _qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
             # The regex already split words, so the byte-level step only maps bytes to symbols.
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tokenizer
+
+
+def _splits_numbers_whole(tokenizer: Tokenizer) -> bool:
+    """Whether the pre-tokenizer is the whole-number split (an unconverted lab tokenizer.json)."""
+    if tokenizer.pre_tokenizer is None:
+        return False
+    state = json.loads(tokenizer.pre_tokenizer.__getstate__())
+    steps = state.get("pretokenizers", [state]) if isinstance(state, dict) else []
+    return any(step.get("pattern", {}).get("Regex") == WHOLE_NUMBER_PATTERN for step in steps if isinstance(step, dict))
 
 
 def _add_config_tokens(tokenizer: Tokenizer, config: dict[str, Any], config_file: Path) -> None:

@@ -309,8 +309,15 @@ def test_tokenizer_special_tokens_and_config(tok):
     assert ids == [n - 3, n - 2, n - 1]  # right after the BPE vocabulary, in Qwen's order
     assert tok.eos_token_id == tok.im_end_id == n - 1 and tok.pad_token_id == n - 3
     assert tok.default_system_prompt == LAB_SYSTEM
+    # The config lists every added token, as the reference adds them: the special tokens, and the number tokens
+    # " 0" .. " 99" and "10" .. "99" at their BPE ids (not special: decoding keeps them).
     config = json.loads((LAB_TOKENIZER_DIR / "tokenizer_config.json").read_text())
-    assert sorted(config["added_tokens_decoder"]) == [str(i) for i in ids]
+    added = {int(i): spec for i, spec in config["added_tokens_decoder"].items()}
+    assert {i for i, spec in added.items() if spec["special"]} == set(ids)
+    numbers = {spec["content"]: i for i, spec in added.items() if not spec["special"]}
+    assert sorted(numbers) == sorted([f" {n}" for n in range(100)] + [str(n) for n in range(10, 100)])
+    assert all(tok.encode(text) == [i] and i < n - 3 for text, i in numbers.items())
+    assert not any(spec["normalized"] or spec["lstrip"] or spec["rstrip"] or spec["single_word"] for spec in added.values())
 
 
 def test_tokenizer_round_trips_and_keeps_numbers_whole(tok):
@@ -366,6 +373,32 @@ def test_shipped_tokenizer_equals_a_fresh_build(tmp_path, capsys):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (LAB_TOKENIZER_DIR / name).read_bytes(), (
             f"{name} differs from a rebuild; run `python -m data.lab build-tokenizer` and commit the result")
+
+
+def test_shipped_base_holds_the_tokenizer_as_saved(tmp_path):
+    # The base's tokenizer files are what save_model writes for the shipped tokenizer (experiments/build_lab_base.py).
+    load_tokenizer(LAB_TOKENIZER_DIR).save(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (lab.LAB_BASE_DIR / name).read_bytes(), name
+
+
+def test_checkpoint_from_before_numbers_were_added_tokens_loads_and_saves_as_today(tmp_path, tok):
+    # Lab checkpoints written before the fix hold the BPE as trained (the whole-number split in tokenizer.json, only
+    # the special tokens in the config), which AutoTokenizer splits into digits. Loading converts it: same ids, and
+    # saving writes exactly today's files.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.json").write_text(lab.train_lab_bpe().to_str(pretty=True))
+    config = json.loads((LAB_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {i: spec for i, spec in config["added_tokens_decoder"].items() if spec["special"]}
+    (old / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    loaded = load_tokenizer(old)
+    for row in load_lab("lab:test")[:50]:
+        assert loaded.apply_chat_template(row["messages"]) == tok.apply_chat_template(row["messages"])
+        assert loaded.encode_prompt(row["messages"][:2]) == tok.encode_prompt(row["messages"][:2])
+    loaded.save(old)  # in place, as re-saving an old checkpoint would
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (old / name).read_bytes() == (lab.LAB_BASE_DIR / name).read_bytes(), name
 
 
 # ----- command line -----

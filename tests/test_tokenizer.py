@@ -1,7 +1,9 @@
-"""Tokenizer and chat-template parity with the reference implementation on the real Qwen2.5 tokenizer files.
+"""Tokenizer and chat-template parity with the reference implementation on the real Qwen2.5 tokenizer files, and
+the checkpoints we save (lab and Qwen) as the reference loads them.
 
 The reference `AutoTokenizer` builds its tokenizer from the same vocab.json + merges.txt + tokenizer_config.json
 (there is no tokenizer.json in ../shared), so these tests compare two independent constructions of the pipeline.
+Tests that need ../shared skip without it; the lab checkpoint tests need only the repository.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = SHARED / "models"
 MODEL_NAMES = ["qwen2.5-0.5b", "qwen2.5-0.5b-instruct"]
 
-pytestmark = pytest.mark.skipif(
+requires_shared = pytest.mark.skipif(
     not (MODELS / "qwen2.5-0.5b" / "vocab.json").is_file(),
-    reason="../shared/models is absent (a fresh clone); the tokenizer tests need the real Qwen2.5 tokenizer files",
+    reason="../shared/models is absent (a fresh clone); this test needs the real Qwen2.5 tokenizer files",
 )
 
 CORPUS = [
@@ -87,6 +89,7 @@ def pair(request) -> tuple[ChatTokenizer, object]:
     return load_tokenizer(model_dir), _reference(model_dir)
 
 
+@requires_shared
 def test_encode_matches_reference(pair):
     ours, reference = pair
     for text in CORPUS:
@@ -95,6 +98,7 @@ def test_encode_matches_reference(pair):
         assert ours.encode(text) == reference.encode(text), repr(text)
 
 
+@requires_shared
 def test_decode_inverts_encode_up_to_nfc(pair):
     ours, reference = pair
     for text in CORPUS:
@@ -104,11 +108,13 @@ def test_decode_inverts_encode_up_to_nfc(pair):
         assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True), repr(text)
 
 
+@requires_shared
 def test_nfd_input_encodes_like_nfc(pair):
     ours, _ = pair
     assert ours.encode("cafe\u0301") == ours.encode("caf\u00e9")
 
 
+@requires_shared
 def test_special_token_attributes(pair):
     ours, reference = pair
     assert ours.vocab_size == len(reference) == 151665
@@ -120,6 +126,7 @@ def test_special_token_attributes(pair):
     assert ours.token_to_id("definitely not a token") is None
 
 
+@requires_shared
 def test_eos_differs_between_base_and_instruct():
     # The one tokenizer difference between the two checkpoints: what ends a turn for generation.
     assert load_tokenizer(MODELS / "qwen2.5-0.5b").eos_token_id == 151643
@@ -127,6 +134,7 @@ def test_eos_differs_between_base_and_instruct():
 
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
+@requires_shared
 def test_chat_template_matches_reference(pair, add_generation_prompt):
     ours, reference = pair
     for messages in CONVERSATIONS:
@@ -134,6 +142,7 @@ def test_chat_template_matches_reference(pair, add_generation_prompt):
         assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected, messages
 
 
+@requires_shared
 def test_encode_prompt_is_template_with_generation_header(pair):
     ours, reference = pair
     messages = CONVERSATIONS[0]
@@ -142,6 +151,7 @@ def test_encode_prompt_is_template_with_generation_header(pair):
     assert prompt[-3:] == [ours.im_start_id, *ours.encode("assistant\n")]
 
 
+@requires_shared
 def test_default_system_prompts():
     assert load_tokenizer(MODELS / "qwen2.5-0.5b").default_system_prompt == "You are a helpful assistant."
     assert (
@@ -155,6 +165,7 @@ def test_default_system_prompts():
     )
 
 
+@requires_shared
 def test_math_default_system_prompt_renders(tmp_path):
     # Give the math config the 0.5B vocabulary (the Qwen2.5 family shares it) to render its default system turn.
     for name in ("vocab.json", "merges.txt"):
@@ -169,6 +180,7 @@ def test_math_default_system_prompt_renders(tmp_path):
     assert ids == _reference_chat_ids(reference, [{"role": "user", "content": "1+1?"}], add_generation_prompt=False)
 
 
+@requires_shared
 def test_encode_conversation_mask(pair):
     ours, _ = pair
     messages = [
@@ -201,6 +213,7 @@ def test_encode_conversation_mask(pair):
     assert mask == expected_mask
 
 
+@requires_shared
 def test_encode_conversation_matches_template_everywhere(pair):
     ours, _ = pair
     for messages in CONVERSATIONS:
@@ -218,6 +231,7 @@ def test_encode_conversation_matches_template_everywhere(pair):
         assert ours.decode([i for i, m in zip(ids, mask) if m]) == expected, messages
 
 
+@requires_shared
 def test_reply_starting_with_newline_shares_a_token_with_the_header(pair):
     # "<|im_start|>assistant\n" + "\nX": the two newlines are one token in the whole-string encoding (as in the
     # reference), so piecewise encoding would differ; that shared token carries reply text and is trainable.
@@ -231,6 +245,7 @@ def test_reply_starting_with_newline_shares_a_token_with_the_header(pair):
     assert mask[position - 2 : position + 3] == [0, 0, 1, 1, 1]  # <|im_start|> assistant "\n\n" X <|im_end|>
 
 
+@requires_shared
 def test_encode_conversation_truncates(pair):
     ours, _ = pair
     messages = CONVERSATIONS[2]
@@ -240,6 +255,7 @@ def test_encode_conversation_truncates(pair):
     assert ours.encode_conversation(messages, max_len=10_000) == (full_ids, full_mask)
 
 
+@requires_shared
 def test_save_round_trip(tmp_path, pair):
     ours, reference = pair
     ours.save(tmp_path)
@@ -269,6 +285,7 @@ def test_missing_directory_names_the_path(tmp_path):
         load_tokenizer(missing)
 
 
+@requires_shared
 def test_missing_vocab_names_the_file(tmp_path):
     (tmp_path / "tokenizer_config.json").write_bytes((MODELS / "qwen2.5-0.5b" / "tokenizer_config.json").read_bytes())
     (tmp_path / "merges.txt").write_bytes((MODELS / "qwen2.5-0.5b" / "merges.txt").read_bytes())
@@ -281,6 +298,7 @@ def test_missing_config_names_the_file(tmp_path):
         load_tokenizer(tmp_path)
 
 
+@requires_shared
 def test_bad_messages():
     ours = load_tokenizer(MODELS / "qwen2.5-0.5b-instruct")
     with pytest.raises(UserError, match="message 1 .*'content'"):
@@ -299,6 +317,7 @@ def test_bad_messages():
         ours.apply_chat_template([])
 
 
+@requires_shared
 def test_non_chatml_template_is_refused_on_use(tmp_path):
     config = json.loads((MODELS / "qwen2.5-0.5b" / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
@@ -311,6 +330,7 @@ def test_non_chatml_template_is_refused_on_use(tmp_path):
         ours.apply_chat_template([{"role": "user", "content": "q"}])
 
 
+@requires_shared
 def test_no_template_renders_without_default_system(tmp_path):
     config = json.loads((MODELS / "qwen2.5-0.5b" / "tokenizer_config.json").read_text())
     del config["chat_template"]
@@ -321,3 +341,85 @@ def test_no_template_renders_without_default_system(tmp_path):
     assert ours.default_system_prompt is None
     ids = ours.apply_chat_template([{"role": "user", "content": "q"}])
     assert ours.decode(ids) == "<|im_start|>user\nq<|im_end|>\n"
+
+
+# ----- checkpoints as other tools load them -----
+#
+# transformers, lm-eval-harness and vLLM all load a checkpoint's tokenizer with AutoTokenizer.from_pretrained(dir).
+# For a config.json with model_type "qwen2", transformers 5 builds Qwen2Tokenizer whatever tokenizer_class says: it
+# takes the vocabulary and merges out of tokenizer.json, rebuilds Qwen2's normalizer and pre-tokenizer, and adds
+# tokenizer_config.json's added_tokens_decoder. These tests load our checkpoints that way and ask for our ids.
+
+# Plain text beyond the lab rows: numbers of every length, unicode, whitespace runs, special-token text.
+EDGE_TEXTS = [
+    " 89", "89", " 0", "0 1 2", "100 123 4567 89012 007", "x1 2y  45\n\n 7 \t8", "1.5 1,000 -42 3\u00b2 \u00bd \u0663",
+    "caf\u00e9 cafe\u0301 \ufb01", "\u4f60\u597d \U0001F600", "a  b   c\t\t\n  \n  ", "  89  \n 89\t89\r\n89",
+    "\u00a089 \u200b89", "\\boxed{14}.", "<|im_end|> <|im_start|>user", "\u0120 89",
+]
+
+
+def _assert_reference_gives_our_ids(checkpoint: Path, ours: ChatTokenizer, conversations, texts) -> None:
+    """AutoTokenizer on `checkpoint`: our ids for every prompt (with the generation header), chat and text."""
+    reference = _reference(checkpoint)
+    for messages in conversations:
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
+        assert _reference_chat_ids(reference, prompt, add_generation_prompt=True) == ours.encode_prompt(prompt), prompt
+        assert _reference_chat_ids(reference, messages, add_generation_prompt=False) == ours.apply_chat_template(
+            messages), messages
+    for text in texts:
+        assert reference.encode(text, add_special_tokens=False) == ours.encode(text), repr(text)
+        ids = ours.encode(text)
+        assert reference.decode(ids) == ours.decode(ids), repr(text)
+    assert len(reference) == ours.vocab_size
+    assert (reference.eos_token_id, reference.pad_token_id) == (ours.eos_token_id, ours.pad_token_id)
+
+
+def _lab_conversations_and_texts() -> tuple[list, list[str]]:
+    from data.lab import load_lab
+
+    conversations = [row["messages"] for row in load_lab("lab:test:messages")]  # all 200 test problems
+    conversations += [row["messages"] for row in load_lab("lab:test-hard:messages")[:50]]
+    texts = [row["text"] for split in ("test", "test-hard") for row in load_lab(f"lab:{split}:text")]
+    texts += [row["text"] for row in load_lab("lab:pretrain")[:200]]
+    return conversations, texts + EDGE_TEXTS
+
+
+def test_reference_loads_the_shipped_lab_base_with_our_ids():
+    from data.lab import LAB_BASE_DIR
+
+    conversations, texts = _lab_conversations_and_texts()
+    _assert_reference_gives_our_ids(LAB_BASE_DIR, load_tokenizer(LAB_BASE_DIR), conversations, texts)
+
+
+def test_reference_loads_a_saved_lab_checkpoint_with_our_ids(tmp_path):
+    # What train.py writes: save_model with the run's tokenizer (ChatTokenizer.save) next to the weights.
+    from data.lab import LAB_BASE_DIR
+    from model.loading import load_model, save_model
+
+    model, _ = load_model(LAB_BASE_DIR, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(LAB_BASE_DIR)
+    checkpoint = save_model(model, tmp_path / "final", tokenizer=tokenizer, source_dir=LAB_BASE_DIR)
+    conversations, texts = _lab_conversations_and_texts()
+    reloaded = load_tokenizer(checkpoint)
+    for text in texts:
+        assert reloaded.encode(text) == tokenizer.encode(text), repr(text)
+    _assert_reference_gives_our_ids(checkpoint, tokenizer, conversations, texts)
+
+
+@requires_shared
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_reference_loads_a_saved_qwen_checkpoint_with_our_ids(tmp_path, name):
+    # A real checkpoint's tokenizer (built here from vocab.json + merges.txt) saved by save_model beside a tiny
+    # model of the same vocabulary: config.json says model_type qwen2, as after fine-tuning Qwen2.5.
+    from model.config import Qwen2Config
+    from model.loading import save_model
+    from model.qwen2 import Qwen2ForCausalLM
+
+    source = MODELS / name
+    tiny = {**json.loads((source / "config.json").read_text()), "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    model = Qwen2ForCausalLM(Qwen2Config.from_hf(tiny)).init_weights(seed=0)
+    ours = load_tokenizer(source)
+    checkpoint = save_model(model, tmp_path / "final", tokenizer=ours, source_dir=source)
+    conversations = CONVERSATIONS + [[{"role": "user", "content": "What is 12 + 345?  \n\n \u00bd"}]]
+    _assert_reference_gives_our_ids(checkpoint, ours, conversations, CORPUS + EDGE_TEXTS)
