@@ -1,22 +1,44 @@
 """Answer checking: one module for eval accuracy, GRPO rewards and rejection sampling alike.
 
-    extract_answer(completion)   the completion's final answer: its last \\boxed{...}, else GSM8K's "#### N"
-    reference_answer(row)        a data row's reference answer: `answer` (GSM8K's "... #### N" cut to N), else the
-                                 last box of its solution / assistant reply
-    check_answer(pred, ref)      True / False, or None when the check ran out of time (see below)
-    grade(completion, ref)       (extracted answer, check_answer) in one call
+    grade(completion, ref)       (the completion's answer as math-verify extracts it, True / False / None)
     grade_all(completions, refs) grade of each completion against its reference
-    share_correct(completions, refs)   the share of completions checked True (a time-out is not correct)
+    share_correct(completions, refs)   the share of completions graded True (a time-out is not correct)
+    extract_answer(completion)   the answer grade() reads: math-verify's extraction, in its string form, or None
+    reference_answer(row)        a data row's reference answer: `answer` (GSM8K's "... #### N" cut to N), else the
+                                 boxes of its solution / assistant reply (several boxes kept together), else '#### N'
+    check_answer(pred, ref)      True / False, or None when the check ran out of time; `pred` an answer or a completion
 
-Equivalence is decided by math-verify (Kydlicek et al., Hugging Face; `pip install math-verify`), the checker the
-DFT paper's evaluation used: both answers are parsed from LaTeX into sympy and compared as numbers, sets, intervals,
-tuples, matrices or equations (so 0.5 == \\frac{1}{2} == \\dfrac12, 2\\sqrt{3} == \\sqrt{12}, 1,000 == 1000, 50\\% ==
-0.5, 30^\\circ == 30, 10\\text{ cm} == 10, \\text{(B)} == B, x = 5 == 5). Two departures from calling it directly:
+The verdict is math-verify's (Kydlicek et al., Hugging Face; `pip install math-verify`), the checker the DFT
+paper's evaluation used: `verify(parse(ref), parse(completion))` with its default extraction (LaTeX first, boxed
+answers at the priority of "final answer is ..." phrases, then plain expressions and numbers). So a completion's
+answer is what math-verify reads: its boxes joined when they sit side by side (\\boxed{1}, \\boxed{2} and \\boxed{3}
+is the set {1, 2, 3}), a "The final answer is $x$" written after the last box, and, with no box at all, the last
+LaTeX or plain expression it finds ("The answer is 19." gives 19). Both answers are parsed from LaTeX into sympy and
+compared as numbers, sets, intervals, tuples, matrices or equations (0.5 == \\frac{1}{2}, 1,000 == 1000,
+2\\sqrt{3} == \\sqrt{12}, x = 5 == 5, \\text{(B)} == B). Departures from calling math-verify directly:
 
- 1. Integers on both sides (the lab's answers, nearly all of GSM8K's) are compared exactly in Python first; sympy
-    is only needed, and only paid for, when either side is anything else.
- 2. When math-verify can parse neither side into an expression, the light normal forms of `normalize_answer` are
-    compared as strings (a text answer that sympy does not take).
+ 1. A reference written without any math delimiter (no unescaped $, \\boxed, \\[ or \\(: MATH-500's "3, 5, 7",
+    "(3,4]", "\\text{Evelyn}") is read as one answer, as if it were boxed; math-verify's own reading of such a
+    string is its last plain number or nothing ("3, 5, 7" gives 7, "(3,4]" nothing). math-verify's reading is kept
+    for a plain number in its syntax ("42", "0.4", "1 000", which in a box would be 1*0), and when that number
+    holds a comma ("1,22", "-2,1", "58,500") both readings are kept and either may match: math-verify takes the
+    comma as a decimal or thousands separator (1.22), the box as a list ({-2, 1}, MATH-500's answer to a "find all
+    solutions" problem). It is kept too, beside the boxed reading, when a box gives no expression ("3."). A
+    reference with delimiters (a whole solution, "$\\frac{1}{3}$") is parsed exactly as math-verify parses it.
+ 2. reference_answer() reads a solution's boxes by math-verify's rule for joining neighbouring boxes (see
+    `_joined_boxes`) and gives them back as "\\boxed{-2}, \\boxed{1}", which math-verify reads as {-2, 1}. A
+    solution whose last box never closes, or that has neither a box nor a '#### N' line, has no reference answer
+    (math-verify would read an earlier box, or its last number).
+ 3. The fast path: a completion with exactly one box, holding a plain integer (no comma, space or decimal point),
+    and no "final answer" phrase or percent sign that math-verify could prefer, against a plain-integer
+    reference (the lab's answers, GSM8K's) is compared as Python integers. It is taken only where math-verify
+    provably reads both sides as those integers; tests/test_answers.py checks its verdict against math-verify's
+    on every table case it takes.
+ 4. The time limit (below): one limit for the whole check instead of math-verify's 5 s per parse and per
+    comparison, and a check that runs out of it gives None ("could not be scored"), not math-verify's False.
+ 5. check_answer(pred, ref) also takes a bare answer as `pred` ("1,000", "(1, 2)", "Monday", the lab's answers_match):
+    read as one answer, like a reference (1.). With math delimiters, a box or prose (two words in a row) it is a
+    completion, read as grade() reads it.
 
 Time limit. Parsing LaTeX with sympy can take arbitrarily long on adversarial input (a model can write
 9^{9^{9^9}}), so every check runs under `timeout_s` seconds and returns None when it runs out: callers count those
@@ -38,21 +60,43 @@ from typing import Any, Callable, Mapping, Sequence
 
 # Deliberately light imports, nothing of this project's: the helper process that runs checks for other threads
 # imports this module, and must start in a second (model/ and data.datasets pull in torch). Row layouts, prompts
-# included (`prompt_turns`, `prompt_and_answer`), are data/datasets.py's.
+# included (`prompt_turns`, `prompt_and_answer`), are data/datasets.py's. math-verify (sympy) is imported on first use.
 
 DEFAULT_TIMEOUT_S = 5.0
 
-# ----- extraction -----
+# ----- boxes and '####' lines -----
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _HASH_ANSWER = re.compile(r"####\s*([^\n]*)")
 
 
+def _box_spans(text: str) -> list[tuple[int, int, str | None]]:
+    """(start, end, content) of each \\boxed{...} in order; content None for a box that never closes (then it is
+    the last one). Nested braces are kept; escaped braces (\\{ \\}) do not count."""
+    spans: list[tuple[int, int, str | None]] = []
+    position = 0
+    while (opening := _BOXED.search(text, position)) is not None:
+        depth, i = 1, opening.end()
+        while i < len(text) and depth:
+            if text[i] == "\\":
+                i += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth:
+            spans.append((opening.start(), len(text), None))
+            break
+        spans.append((opening.start(), i, text[opening.end():i - 1].strip()))
+        position = i
+    return spans
+
+
 def extract_boxed(text: str) -> str | None:
     """The content of the last \\boxed{...}, nested braces kept (\\boxed{\\frac{1}{2}} -> \\frac{1}{2}).
 
-    None when there is no \\boxed{ or the last one never closes (e.g. a generation cut off mid-answer): the
-    model's final answer is then unknown, and an earlier box is not it. Escaped braces (\\{ \\}) do not count.
+    None when there is no \\boxed{ or the last one never closes (e.g. a generation cut off mid-answer).
+    Escaped braces (\\{ \\}) do not count. Used by the format reward (a closed box); grading reads boxes as
+    math-verify does (see `grade`).
     """
     starts = [m.end() for m in _BOXED.finditer(text)]
     if not starts:
@@ -80,67 +124,65 @@ def extract_hash_answer(text: str) -> str | None:
     return answer or None
 
 
-def extract_answer(text: str) -> str | None:
-    """A completion's final answer: its last \\boxed{} (None if that box never closes), else a '#### N' line."""
-    if _BOXED.search(text):
-        return extract_boxed(text)
-    return extract_hash_answer(text)
+# Neighbouring boxes that math-verify reads as one answer: latex2sympy2_extended's extract_boxed_content (1.11),
+# which math-verify applies to boxes, walks back from the last box and keeps an earlier one while the text between
+# them is under 10 characters, or under 70 with "and", "or", ',' or ';' in it and a different content.
+_JOINING_WORD = re.compile(r"\b(?:and|or)\b|,|;")
+
+
+def _joined_boxes(text: str) -> list[str] | None:
+    """The contents of the boxes that end a text and that math-verify would join into one answer (usually just the
+    last box), in order; None when there is no box or the last one never closes."""
+    spans = _box_spans(text)
+    if not spans or spans[-1][2] is None:
+        return None
+    start, _, content = spans[-1]
+    joined = [content]
+    for earlier_start, earlier_end, earlier in reversed(spans[:-1]):
+        between = text[earlier_end:start]
+        if not (len(between) < 10 or (earlier != joined[-1] and len(between) < 70 and _JOINING_WORD.search(between))):
+            break
+        if earlier != joined[-1]:
+            joined.append(earlier)
+        start = earlier_start
+    return joined[::-1]
 
 
 def reference_answer(row: Mapping[str, Any], where: str = "row") -> str | None:
     """The reference answer a data row carries, or None when it has none.
 
-    `answer` (MATH-500, the lab, GRPO prompt rows; GSM8K's "reasoning #### 42" gives "42"), else the last \\boxed{}
-    of the reference reply (`solution`, `completion`, the last assistant turn of `messages`).
+    `answer` (MATH-500, the lab, GRPO prompt rows; GSM8K's "reasoning #### 42" gives "42"), else the boxed answer of
+    the reference reply (`solution`, `completion`, the last assistant turn of `messages`): its last box's content,
+    or, when math-verify would join several neighbouring boxes ("\\boxed{-2} and \\boxed{1}"), those boxes as
+    "\\boxed{-2}, \\boxed{1}", which math-verify reads as the set {-2, 1}; else its '#### N' line. A reply whose
+    last box never closes has no answer.
     """
     answer = row.get("answer")
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         return str(answer)
     if isinstance(answer, str) and answer.strip():
         return extract_hash_answer(answer) if "####" in answer else answer.strip()
+    reply = None
     for field in ("solution", "completion"):
         if isinstance(row.get(field), str):
-            return extract_answer(row[field])
+            reply = row[field]
+            break
     messages = row.get("messages")
-    if isinstance(messages, list):
+    if reply is None and isinstance(messages, list):
         replies = [m.get("content", "") for m in messages if isinstance(m, Mapping) and m.get("role") == "assistant"]
         if replies and isinstance(replies[-1], str):
-            return extract_answer(replies[-1])
-    return None
+            reply = replies[-1]
+    if reply is None:
+        return None
+    if _BOXED.search(reply):
+        boxes = _joined_boxes(reply)
+        if boxes is None:
+            return None
+        return boxes[0] if len(boxes) == 1 else ", ".join(f"\\boxed{{{box}}}" for box in boxes)
+    return extract_hash_answer(reply)
 
 
-# ----- equivalence -----
-
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
-_INTEGER = re.compile(r"^-?\d+$")
-_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "{,}", "^{\\circ}", "^\\circ", "\\%", "%", "\\$", "$")
-
-
-def normalize_answer(answer: str) -> str:
-    """A light canonical form: no spaces, $, \\text{} wrappers, trailing '.', thousands commas or 'x =' prefix."""
-    s = answer.strip()
-    for token in _DROPPED:
-        s = s.replace(token, "")
-    previous = None
-    while previous != s:  # unwrap nested \text{\textbf{...}} from the inside out
-        previous, s = s, _TEXT_WRAPPER.sub(r"\1", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = re.sub(r"\s+", "", s).rstrip(".")
-    variable = re.fullmatch(r"[A-Za-z]=(.+)", s)
-    if variable:
-        s = variable.group(1)
-    if _THOUSANDS.match(s):
-        s = s.replace(",", "")
-    return s
-
-
-def _plain_integer(answer: str) -> int | None:
-    """The integer an answer spells with nothing else around it ("1,234", "$-7$", "42."), else None."""
-    s = answer.strip().strip("$").replace("\\!", "").replace("{,}", "").replace(" ", "").rstrip(".")
-    if _THOUSANDS.match(s) and "." not in s:
-        s = s.replace(",", "")
-    return int(s) if _INTEGER.match(s) else None
+# ----- math-verify's reading -----
 
 
 @lru_cache(maxsize=None)
@@ -156,42 +198,163 @@ def _math_verify():
     return math_verify
 
 
-@lru_cache(maxsize=4096)
-def _parse(answer: str) -> tuple:
-    """math-verify's parse of one answer, wrapped in a box so its LaTeX extraction takes all of it."""
-    mv = _math_verify()
-    return tuple(mv.parse("\\boxed{" + answer + "}", parsing_timeout=None))
+def _parse(text: str) -> tuple:
+    """math-verify's parse with its default extraction (LaTeX, boxes at priority 50, then plain expressions)."""
+    return tuple(_math_verify().parse(text, parsing_timeout=None))
 
 
-def _equivalent(pred: str, ref: str) -> bool:
-    """The check itself, without a time limit: exact integers, else math-verify, else normal forms as text."""
-    a, b = _plain_integer(pred), _plain_integer(ref)
-    if a is not None and b is not None:
-        return a == b
-    gold, target = _parse(ref), _parse(pred)
-    if gold and target:
-        return bool(_math_verify().verify(list(gold), list(target), timeout_seconds=None))
-    return normalize_answer(pred) == normalize_answer(ref)
+@lru_cache(maxsize=1024)
+def _read_completion(text: str) -> tuple:
+    """A completion as math-verify reads it (cached: extract_answer and grade of one text parse it once)."""
+    return _parse(text)
+
+
+# A delimiter that tells math-verify where the math is: unescaped $, a box, \[ or \(. ("\$32" is a price.)
+_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\fbox|\\\[|\\\(")
+# A whole answer in math-verify's plain number syntax: thousands grouped by ',' or ' ', or a decimal '.' or ','.
+_PLAIN_NUMBER = re.compile(r"-?(?:[1-9]\d{0,2}(?:[ ,]\d{3})+(?:\.\d+)?|\d+(?:[.,]\d+)?|\.\d+)")
+
+
+@lru_cache(maxsize=8192)
+def _read_answer(answer: str) -> tuple:
+    """A reference (or check_answer's prediction) read as one answer; departure 1 of the module docstring."""
+    answer = answer.strip()
+    if _DELIMITED.search(answer):
+        return _parse(answer)
+    if _PLAIN_NUMBER.fullmatch(answer):
+        plain = _parse(answer)  # "1 000" is 1000 here, and 1*0 in a box
+        return plain + _parse("\\boxed{" + answer + "}") if "," in answer else plain
+    boxed = _parse("\\boxed{" + answer + "}")
+    if all(isinstance(item, str) for item in boxed):  # no expression in a box ("3.", "€10"): add math-verify's
+        return boxed + _parse(answer)
+    return boxed
+
+
+def _verify(gold: tuple, target: tuple) -> bool:
+    return bool(gold) and bool(target) and bool(_math_verify().verify(list(gold), list(target), timeout_seconds=None))
+
+
+def _answer_text(read: tuple) -> str | None:
+    """The string form of what math-verify extracted (the text it parsed, e.g. "1,2,3" for three boxes), or None."""
+    texts = [item for item in read if isinstance(item, str) and item.strip()]
+    if texts:
+        return texts[-1].strip()
+    return str(read[0]) if read else None
+
+
+# ----- the integer fast path (departure 3) -----
+
+_PLAIN_INTEGER = re.compile(r"\s*(-?\d{1,15})\s*")
+_BOXED_INTEGER = re.compile(r"\\boxed\{\s*(-?\d{1,15})\s*\}")
+_FINAL_ANSWER = re.compile(r"final answer", re.IGNORECASE)  # math-verify's priority-0 and -50 phrases
+_PERCENT = re.compile(r"%|percent|pct", re.IGNORECASE)  # "$\boxed{28}$ %" is 0.28 to math-verify
+
+
+def _lone_boxed_integer(text: str) -> str | None:
+    """The integer a completion's only box holds, where math-verify provably reads exactly that integer, else None.
+
+    Why that is math-verify's reading: its extraction tries patterns by priority, boxes at 50, and only a
+    "final answer ..." phrase comes at or before 50; among the matches of one priority the one ending last wins,
+    and with one box every box pattern (a bare box, or one inside $...$, \\[...\\], \\(...\\)) reduces to that box's
+    content, a plain integer that its LaTeX parser reads exactly; a percent sign after a $...$ around the box would
+    scale it, so none may follow. math-verify compares two integers exactly; the 15-digit cap is only a margin.
+    """
+    if text.count("\\boxed") != 1 or "\\fbox" in text:
+        return None
+    found = _BOXED_INTEGER.search(text)
+    if found is None or _FINAL_ANSWER.search(text) or _PERCENT.search(text, found.end()):
+        return None
+    return found.group(1)
+
+
+def _fast_verdict(pred: str, ref: str, as_completion: bool) -> tuple[str, bool] | None:
+    """(prediction, verdict) by integer comparison when departure 3 applies, else None."""
+    gold = _PLAIN_INTEGER.fullmatch(ref)
+    if gold is None:
+        return None
+    if as_completion:
+        value = _lone_boxed_integer(pred)
+    else:
+        plain = _PLAIN_INTEGER.fullmatch(pred)
+        value = plain.group(1) if plain else None
+    return None if value is None else (value, int(value) == int(gold.group(1)))
+
+
+# ----- grading -----
+
+
+def _grade(completion: str, ref: str) -> tuple[str | None, bool]:
+    """grade() without the fast path and the time limit: math-verify's verify(reference, completion)."""
+    read = _read_completion(completion)
+    return _answer_text(read), _verify(_read_answer(ref), read)
+
+
+def _extracted(completion: str) -> str | None:
+    return _answer_text(_read_completion(completion))
+
+
+# Prose: two words in a row outside LaTeX commands and their braces ("The answer is 19", not "\\text{west}", "5 cm").
+_LATEX_GROUP = re.compile(r"\\[A-Za-z]+\s*(?:\{[^{}]*\})?")
+_TWO_WORDS = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+
+
+def _is_completion(pred: str) -> bool:
+    """Whether check_answer reads `pred` as a completion (math delimiters, a box, or prose) or as one answer."""
+    return bool(_DELIMITED.search(pred) or _TWO_WORDS.search(_LATEX_GROUP.sub(" ", pred)))
+
+
+def _check(pred: str, ref: str) -> bool:
+    if _is_completion(pred):
+        return _grade(pred, ref)[1]
+    return _verify(_read_answer(ref), _read_answer(pred))
+
+
+def extract_answer(completion: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> str | None:
+    """The answer grade() reads in a completion: math-verify's extraction in its string form (the last box's
+    content; "1,2,3" for \\boxed{1}, \\boxed{2} and \\boxed{3}; "19" from "The answer is 19."), or None when it finds
+    none or ran out of time."""
+    value = _lone_boxed_integer(completion)
+    if value is not None:
+        return value
+    _math_verify()  # imported and warmed up before the clock starts
+    try:
+        return run_with_time_limit(_extracted, (completion,), timeout_s)
+    except TimeLimitReached:
+        return None
+
+
+def grade(completion: str, ref: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool | None]:
+    """(the completion's answer as math-verify extracts it, in its string form, or None; the verdict).
+
+    The verdict is math-verify's verify(parse(ref), parse(completion)) (see the module docstring for how a bare
+    reference is read): True / False, or None when the check took more than `timeout_s` seconds (then the
+    prediction is None too). `timeout_s` None or <= 0: no time limit.
+    """
+    fast = _fast_verdict(completion, ref, as_completion=True)
+    if fast is not None:
+        return fast
+    _math_verify()
+    try:
+        return run_with_time_limit(_grade, (completion, ref), timeout_s)
+    except TimeLimitReached:
+        return None, None
 
 
 def check_answer(pred: str | None, ref: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> bool | None:
     """Whether the predicted answer equals the reference; None if the check took more than `timeout_s` seconds.
 
-    `pred` may be a whole completion: when it holds a \\boxed{}, its last box is the prediction (an unclosed last
-    box is no answer). A missing or empty prediction is False. `timeout_s` None or <= 0: no time limit.
+    `pred` is an answer ("1,000", "\\frac{1}{2}", "(1, 2)", "Monday"), read like a reference, or, when it has a box,
+    $ delimiters or prose (two words in a row), a completion, read as grade() reads it. A missing or empty prediction
+    is False.
     """
-    if pred is None:
+    if pred is None or not pred.strip():
         return False
-    if _BOXED.search(pred):
-        pred = extract_boxed(pred)
-        if pred is None:
-            return False
-    if not pred.strip():
-        return False
-    if _plain_integer(pred) is None or _plain_integer(ref) is None:
-        _math_verify()  # imported and warmed up before the clock starts
+    fast = _fast_verdict(pred, ref, as_completion=_is_completion(pred))
+    if fast is not None:
+        return fast[1]
+    _math_verify()
     try:
-        return run_with_time_limit(_equivalent, (pred, ref), timeout_s)
+        return run_with_time_limit(_check, (pred, ref), timeout_s)
     except TimeLimitReached:
         return None
 
@@ -199,12 +362,6 @@ def check_answer(pred: str | None, ref: str, timeout_s: float | None = DEFAULT_T
 def answers_match(pred: str | None, ref: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> bool:
     """check_answer as a plain bool: a check that ran out of time counts as not matching."""
     return check_answer(pred, ref, timeout_s) is True
-
-
-def grade(completion: str, ref: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> tuple[str | None, bool | None]:
-    """(the completion's answer as extracted, check_answer of it: True / False / None on time-out)."""
-    pred = extract_answer(completion)
-    return pred, check_answer(pred, ref, timeout_s)
 
 
 def grade_all(completions: Sequence[str], answers: Sequence[str], timeout_s: float | None = DEFAULT_TIMEOUT_S
@@ -221,6 +378,32 @@ def share_correct(completions: Sequence[str], answers: Sequence[str], timeout_s:
     none."""
     verdicts = [verdict is True for _, verdict in grade_all(completions, answers, timeout_s)]
     return sum(verdicts) / len(verdicts) if verdicts else 0.0
+
+
+# ----- normal form (majority voting) -----
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "{,}", "^{\\circ}", "^\\circ", "\\%", "%", "\\$", "$")
+
+
+def normalize_answer(answer: str) -> str:
+    """A light canonical form for telling answers apart as text (eval.py's majority vote over predictions): no
+    spaces, $, \\text{} wrappers, trailing '.', thousands commas or 'x =' prefix. Not used for grading."""
+    s = answer.strip()
+    for token in _DROPPED:
+        s = s.replace(token, "")
+    previous = None
+    while previous != s:  # unwrap nested \text{\textbf{...}} from the inside out
+        previous, s = s, _TEXT_WRAPPER.sub(r"\1", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    variable = re.fullmatch(r"[A-Za-z]=(.+)", s)
+    if variable:
+        s = variable.group(1)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    return s
 
 
 # ----- the time limit -----
