@@ -39,7 +39,7 @@ from training.evaluation import eval_line, eval_loss, measure_end, measure_start
 from training.inference import to_device
 from training.optim import lr_at, make_optimizer
 from training.precision import Precision
-from training.progress import MetricsLog, StepTotals, show_done, show_start, show_step
+from training.progress import MetricsLog, StepTotals, open_trackers, show_done, show_start, show_step
 from training.setup import load_data, load_rewards, make_batch_source, open_output, prepare_model, seed_everything
 
 
@@ -102,7 +102,8 @@ def train(args: argparse.Namespace) -> dict:
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-    log = MetricsLog(out / "metrics.jsonl", resumed=resume_dir is not None, main=ranks.main)
+    log = MetricsLog(out / "metrics.jsonl", resumed=resume_dir is not None, main=ranks.main,
+                     trackers=open_trackers(args, out, ranks.main, state.step))  # --report-to (rank 0 only)
     before = measure_start(model, tok, model_dir, evaluator, data.problems, log, out / "summary_before.json",
                            fresh=resume_dir is None, ranks=ranks)  # where the model starts: the report's "before"
     show_start(args, len(data.examples), total_steps, model, device, precision.dtype, ranks)

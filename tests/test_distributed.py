@@ -198,6 +198,23 @@ def test_fsdp_dpo_two_ranks_equal_one_process(root, tiny_lab_model):
     assert max_weight_diff(out / "final", one / "final") <= 1e-6
 
 
+def test_fsdp_dpo_with_clipping_is_one_process_up_to_rounding(tmp_path):
+    """With clipping (the default --grad-clip 1) the 2-rank FSDP DPO run ends 2.6e-5 from one process in fp32 (the
+    issue's run: 3 steps, 64 pairs, lr 1e-3). Rounding, not a bug: the gradient norm is summed shard by shard, so the
+    clip coefficient differs in its last bits, and AdamW's normalised steps carry that into the weights. Run in
+    float64 (bench/fsdp_float64.py patches the worker) the same comparison shrinks by ~4e8, about the ratio of the
+    two precisions' epsilons (5.4e8); a wrong normaliser or a lost micro-batch would not shrink at all."""
+    from bench.fsdp_float64 import max_diff, run
+
+    for float64 in (False, True):
+        name = "f64" if float64 else "f32"
+        run(tmp_path / f"one-{name}", float64, fsdp=False, clip="1.0")
+        run(tmp_path / f"fsdp-{name}", float64, fsdp=True, clip="1.0")
+    f32, f64 = (max_diff(tmp_path / f"one-{n}", tmp_path / f"fsdp-{n}") for n in ("f32", "f64"))
+    assert f32 <= 1e-4  # measured 2.6e-5
+    assert f64 <= 1e-11 and f64 <= f32 * 1e-6  # measured 6.5e-14
+
+
 def test_fsdp_short_last_step_of_an_epoch(root, tiny_lab_model):
     """10 examples, 8 per step: step 2 has 2, one micro-batch, so rank 0 trains 1 (and repeats it at weight 0) and
     rank 1 none (2 repeats at weight 0): FSDP's collectives still pair up, and the steps are one process's."""

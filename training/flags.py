@@ -1,19 +1,21 @@
 """train.py's command line: every flag with its range and help, the job's defaults (lab or real model, online or
 not), and the flag combinations refused before any model or data loads.
 
-Owns: `build_parser`, `parse_args`, the defaults tables, `loss_hparams`. Imports cli, data, losses and
-training.checkpoint (to refuse an --out that already holds a run); never a script.
+Owns: `build_parser`, `parse_args`, the defaults tables, `loss_hparams`. Imports cli, data, losses,
+training.checkpoint (to refuse an --out that already holds a run) and training.progress (the trackers --report-to
+names); never a script.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 from pathlib import Path
 
-from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P, Parser,
-                 Range, device_name, model_spec, output_dir, output_problem, refuse)
+from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P,
+                 ArgumentTypeError, Parser, Range, device_name, model_spec, output_dir, output_problem, refuse)
 from data.lab import is_lab_spec
 from data.preference import SPANS
 from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
@@ -22,6 +24,7 @@ from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS
 from losses.logprobs import DEFAULT_CHUNK
 from training import distributed
 from training.checkpoint import earlier_checkpoints
+from training.progress import TRACKERS, missing_tracker
 
 def build_parser(description: str | None = None) -> Parser:
     ap = Parser(description=description)
@@ -166,6 +169,16 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of saved weights (float32 keeps resume exact)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (plain log lines instead)")
+
+    g = ap.add_argument_group("trackers (every metrics.jsonl row, on rank 0; see training/progress.py)")
+    g.add_argument("--report-to", action="append", choices=["none", *TRACKERS], default=None,
+                   help="also log to TensorBoard (OUT/tensorboard/RUN_NAME), Weights & Biases (OUT/wandb, online or "
+                   "as WANDB_MODE says) or trackio; repeatable, each package imported only when named "
+                   "(default: none)")
+    g.add_argument("--run-name", type=tracker_name, default=None,
+                   help="the run's name in the trackers (default: the last part of --out)")
+    g.add_argument("--project", type=tracker_name, default=None,
+                   help="wandb / trackio project the run is logged to (default: posttrain)")
     document_job_defaults(ap)
     return ap
 
@@ -189,11 +202,42 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     problem = output_problem(args.out, want_dir=True)
     if problem:
         refuse(ap, "--out", problem + ".")
+    check_tracker_flags(ap, args)
     earlier = earlier_checkpoints(Path(args.out))
     if args.resume is None and earlier:
         refuse(ap, "--out", f"{args.out} already holds checkpoints of an earlier run ({', '.join(earlier)}); pass "
                f"--resume to continue it, or another --out (or delete {args.out}) to start over.")
     return args
+
+
+def tracker_name(text: str) -> str:
+    """--run-name / --project: a folder name in OUT/tensorboard and the trackers' stores (no '/', '\\', '#', '?', '%',
+    ':', which W&B refuses in a project, nor '.' or '..')."""
+    if not text.strip() or text in (".", "..") or any(c in text for c in "/\\#?%:") or len(text) > 128:
+        raise ArgumentTypeError(f"{text!r} is not a usable name; use 1-128 characters without / \\ # ? % : "
+                                "(e.g. dft-lr1e-3).")
+    return text
+
+
+def check_tracker_flags(ap, args) -> None:
+    """--report-to: no 'none' beside a tracker, each named tracker's package installed; --run-name and --project
+    only where a tracker uses them. Fills their defaults (the last part of --out; posttrain)."""
+    names = list(dict.fromkeys(args.report_to or ["none"]))  # in order, each once
+    if "none" in names and len(names) > 1:
+        others = ", ".join(n for n in names if n != "none")
+        refuse(ap, "--report-to", f"none logs to no tracker, so it cannot go with {others}; drop one of them.")
+    for name in names:
+        problem = name != "none" and missing_tracker(name)
+        if problem:
+            refuse(ap, "--report-to", problem + f" (or drop --report-to {name}).")
+    if names == ["none"] and args.run_name is not None:
+        refuse(ap, "--run-name", "names the run in a tracker; add --report-to tensorboard, wandb or trackio, or drop "
+               "it.")
+    if args.project is not None and not {"wandb", "trackio"} & set(names):
+        refuse(ap, "--project", "applies only to --report-to wandb or trackio; add one, or drop it.")
+    args.report_to = names
+    args.run_name = args.run_name or os.path.basename(os.path.abspath(args.out))
+    args.project = args.project or "posttrain"
 
 
 def check_fsdp_flags(ap, args) -> None:

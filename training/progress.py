@@ -1,33 +1,178 @@
-"""What a run tells while it trains: OUT/metrics.jsonl (one JSON row per step or eval), the progress bar or plain log
-lines (--no-progress), and the step's sums over micro-batches and ranks that the log rows report.
+"""What a run tells while it trains: OUT/metrics.jsonl (one JSON row per step or eval), the same rows in the
+trackers of --report-to (TensorBoard, Weights & Biases, trackio), the progress bar or plain log lines (--no-progress),
+and the step's sums over micro-batches and ranks that the log rows report.
 
-Owns: `MetricsLog`, `StepTotals`, the lines a run prints. Imports training.distributed only.
+Owns: `MetricsLog`, the trackers, `StepTotals`, the lines a run prints. Imports training.distributed and
+model.errors; each tracker's package only when --report-to names it.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib
+import importlib.util
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.errors import UserError
 from training import distributed
 
 
 class MetricsLog:
     """OUT/metrics.jsonl, one JSON row per step or eval, flushed as written; only rank 0 writes. A resumed run
-    appends (after truncate_metrics dropped the rows past its checkpoint)."""
+    appends (after truncate_metrics dropped the rows past its checkpoint). Each row also goes to the trackers of
+    --report-to (`open_trackers`: rank 0's, none elsewhere) as `tracker_scalars`. `close` closes them; a run that ends
+    in an error closes them when the process exits, marked failed where the tracker has the notion."""
 
-    def __init__(self, path: Path, resumed: bool, main: bool):
+    def __init__(self, path: Path, resumed: bool, main: bool, trackers: list | None = None):
         self.file = open(path, "a" if resumed else "w") if main else None
+        self.trackers = list(trackers or [])
+        if self.trackers:
+            atexit.register(self.close, failed=True)
 
     def write(self, row: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        if self.trackers:
+            scalars = tracker_scalars(row)
+            for tracker in self.trackers:
+                tracker.log(scalars, row["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.file is not None:
             self.file.close()
+        trackers, self.trackers = self.trackers, []
+        if trackers:
+            atexit.unregister(self.close)
+        for tracker in trackers:
+            tracker.close(failed)
+
+
+# ---- trackers: every metrics.jsonl row in TensorBoard, Weights & Biases or trackio (--report-to) ----------------
+# Each is a small class with log(scalars, step) and close(failed), imported only when --report-to names it.
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report-to name -> pip package
+
+
+def tracker_scalars(row: dict) -> dict[str, float]:
+    """A metrics.jsonl row under the trackers' names: a training row's values as train/NAME (train/loss,
+    train/grad_norm, train/lr, the objective's metrics), an eval row's as eval/NAME without the eval_ prefix
+    (eval/nll, eval/accuracy). The step is the tracker's step; booleans (a skipped step's "skipped") count as 1/0;
+    anything else that is not a number is left out."""
+    evaluation = row.get("eval") is True
+    scalars = {}
+    for key, value in row.items():
+        if key == "step" or (evaluation and key == "eval"):
+            continue
+        if isinstance(value, bool):
+            value = int(value)
+        elif not isinstance(value, numbers.Real):
+            continue
+        scalars["eval/" + key.removeprefix("eval_") if evaluation else "train/" + key] = value
+    return scalars
+
+
+def missing_tracker(name: str) -> str | None:
+    """Why --report-to NAME cannot run here ('wandb needs the wandb package, which is not installed: pip install
+    wandb'), or None."""
+    package = TRACKERS[name]
+    if importlib.util.find_spec(package) is None:
+        return f"{name} needs the {package} package, which is not installed: pip install {package}"
+    return None
+
+
+def _import(name: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"--report-to {missing_tracker(name) or f'{name} could not import {module} ({e})'}.") from e
+
+
+class TensorBoardTracker:
+    """Event files in OUT/tensorboard/RUN_NAME (`tensorboard --logdir runs` compares every run under runs/); the flags
+    as the text `config` and as the run's hyperparameters in the HParams tab. Each start adds an event file to the
+    folder that opens with a restart marker, so TensorBoard drops what earlier files hold past the step a resume
+    starts from (like metrics.jsonl), or all of it when the run starts over from step 0."""
+
+    def __init__(self, args, out: Path, start_step: int):
+        tb = _import("tensorboard", "torch.utils.tensorboard")
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer = tb.SummaryWriter(log_dir=str(out / "tensorboard" / args.run_name), flush_secs=10,
+                                       purge_step=start_step + 1 if start_step else 0)
+        config = vars(args)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        _, session_start, _ = hparams({k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                                       for k, v in config.items()}, {})
+        self.writer.file_writer.add_summary(session_start)
+
+    def log(self, scalars: dict, step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self, failed: bool) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run in OUT/wandb/ named --run-name in project --project, the flags as its config; online
+    or offline as WANDB_MODE says (offline: `wandb sync OUT/wandb/offline-run-*` uploads it later). A resumed run is
+    a new W&B run of the same name whose history starts at the resumed step."""
+
+    def __init__(self, args, out: Path, start_step: int):
+        wandb = _import("wandb", "wandb")
+        self.run = wandb.init(project=args.project, name=args.run_name, dir=str(out), config=vars(args),
+                              reinit="create_new")
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class TrackioTracker:
+    """A trackio run named --run-name in project --project, the flags as its config. trackio keeps every project in
+    its own folder (TRACKIO_DIR, by default ~/.cache/huggingface/trackio), where `trackio show` finds them all."""
+
+    def __init__(self, args, out: Path, start_step: int):
+        self.trackio = _import("trackio", "trackio")  # its API logs to the process's current run: this one
+        self.trackio.init(project=args.project, name=args.run_name, config=vars(args))
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.trackio.log(scalars, step=step)
+
+    def close(self, failed: bool) -> None:
+        self.trackio.finish()
+
+
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}
+
+
+def open_trackers(args, out: Path, main: bool, start_step: int = 0) -> list:
+    """The trackers of --report-to, started (rank 0 only: the other ranks log nothing); start_step is the step a
+    resumed run continues from (0 for a fresh run)."""
+    trackers = []
+    if not main:
+        return trackers
+    try:
+        for name in args.report_to:
+            if name == "none":
+                continue
+            try:
+                trackers.append(TRACKER_CLASSES[name](args, out, start_step))
+            except UserError:
+                raise
+            except Exception as e:  # no account, no network, a bad setting: the tracker's own words
+                raise UserError(f"--report-to {name} could not start its run: {e}") from e
+    except BaseException:
+        for tracker in trackers:
+            tracker.close(failed=True)
+        raise
+    return trackers
 
 
 @dataclass
