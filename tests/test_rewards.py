@@ -52,12 +52,13 @@ def test_language_consistency_share_of_words_in_the_prompts_script():
 
 
 def test_weights_and_none_propagate():
-    """accuracy + 0.5 format: boxed correct -> 1.5, boxed wrong -> 0.5, unboxed -> 0, timed out -> None."""
+    """accuracy + 0.5 format: boxed correct -> 1.5, boxed wrong -> 0.5, unboxed correct -> 1 (math-verify reads the
+    final expression; only the format reward asks for the box), unboxed wrong -> 0, timed out -> None."""
     rewards = build_rewards(["accuracy", "format:0.5"], {"answer_timeout": 0.3})
-    completions = ["\\boxed{19}", "\\boxed{5}", "19", "\\boxed{9^{9^{9^{9}}}}"]
-    totals, parts = score(rewards, completions, [ROW] * 4)
-    assert totals == [1.5, 0.5, 0.0, None]
-    assert parts == {"accuracy": [1.0, 0.0, 0.0, None], "format": [1.0, 1.0, 0.0, 1.0]}
+    completions = ["\\boxed{19}", "\\boxed{5}", "19", "5", "\\boxed{9^{9^{9^{9}}}}"]
+    totals, parts = score(rewards, completions, [ROW] * 5)
+    assert totals == [1.5, 0.5, 1.0, 0.0, None]
+    assert parts == {"accuracy": [1.0, 0.0, 1.0, 0.0, None], "format": [1.0, 1.0, 0.0, 0.0, 1.0]}
 
 
 def test_user_reward_from_a_file(tmp_path):
