@@ -18,7 +18,6 @@ autocast with our dynamic loss scaler; fp32 on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,14 +31,17 @@ from data.tokenizer import load_tokenizer
 from losses import LOSSES
 from losses.logprobs import sequence_logprobs
 from model import UserError, default_device, load_model
+from model.errors import RankLocalError
 from model.generate import stop_ids
 from training import distributed, flags
-from training.checkpoint import TrainState, prune_checkpoints, restore, save_checkpoint, truncate_metrics
+from training.checkpoint import (TrainState, prune_checkpoints, record_start, restore, save_checkpoint,
+                                 truncate_metrics)
 from training.evaluation import eval_line, eval_loss, measure_end, measure_start, write_report
 from training.inference import to_device
 from training.optim import lr_at, make_optimizer
 from training.precision import Precision
-from training.progress import MetricsLog, StepTotals, open_trackers, show_done, show_start, show_step
+from training.progress import (MetricsLog, StepTotals, diverged_message, open_trackers, show_done, show_start,
+                               show_step)
 from training.setup import load_data, load_rewards, make_batch_source, open_output, prepare_model, seed_everything
 
 
@@ -57,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     except UserError as e:
-        # Under torchrun every rank meets the same error: rank 0 says it, the others just exit.
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+        # Under torchrun every rank meets the same error: rank 0 says it, the others just exit; an error of a rank's
+        # own share of the work (RankLocalError) is said by the rank that met it.
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or isinstance(e, RankLocalError):
+            sys.exit(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}")
+        sys.exit(1)
     # Only after a clean finish. After an error this process just exits and torchrun stops the other ranks
     # (training/distributed.py); tearing the group down first would gain nothing.
     distributed.close()
@@ -69,7 +75,7 @@ def train(args: argparse.Namespace) -> dict:
     ranks, device = distributed.init(args.device or default_device(), args.dist_timeout, args.fsdp)
     precision = Precision(device, args.dtype)
     rewards = load_rewards(args)  # grpo's reward functions, checked before anything loads
-    finished, resume_dir = open_output(args, ranks)
+    lock, finished, resume_dir = open_output(args, ranks, device)  # OUT is this run's while `lock` is held
     if finished:
         return finished
     seed_everything(args.seed)
@@ -100,8 +106,7 @@ def train(args: argparse.Namespace) -> dict:
 
     # Rank 0 writes every file of the run; the others compute the same evals (in step with it, as FSDP needs).
     if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        record_start(out, args, state.step)  # OUT/args.json, and a line of OUT/args_history.jsonl
     log = MetricsLog(out / "metrics.jsonl", resumed=resume_dir is not None, main=ranks.main,
                      trackers=open_trackers(args, out, ranks.main, state.step))  # --report-to (rank 0 only)
     before = measure_start(model, tok, model_dir, evaluator, data.problems, log, out / "summary_before.json",
@@ -183,9 +188,6 @@ def train(args: argparse.Namespace) -> dict:
         show_step(bar, row, args, total_steps)
         if state.bad_streak >= args.max_bad_steps:
             stop_reason = f"{state.bad_streak} non-finite steps in a row"
-            if ranks.main:  # stderr is not silenced on the other ranks: say it once
-                print(f"stopping: the loss or gradient was non-finite {state.bad_streak} steps in a row; lower --lr "
-                      f"or use --dtype bfloat16/float32.", file=sys.stderr)
             break
 
         # ---- eval and save on schedule ----
@@ -208,6 +210,9 @@ def train(args: argparse.Namespace) -> dict:
     bar.close()
 
     summary = {"steps": state.step, "skipped_steps": state.skipped, "stop_reason": stop_reason, **last_row}
+    if state.bad_streak >= args.max_bad_steps:  # a diverged run ends in an error, and writes no final/
+        log.close(failed=True)
+        raise UserError(diverged_message(state, args, out))
     if evaluator:
         ev = evaluator(model)
         log.write({"step": state.step, "eval": True, **ev})

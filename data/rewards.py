@@ -7,8 +7,8 @@ comes from rollouts) and `rows[i]` the data row of its prompt (completions of on
 never silently a 0. Extra settings are keyword-only parameters, filled from the command line by name (see
 `REWARD_OPTIONS`), as losses take their hparams.
 
-    accuracy   1 if the completion's answer (last \\boxed{}, else '#### N') equals the row's reference answer, checked
-               by data/answers.py (math-verify); 0 if not; None if the check timed out. (DeepSeek-R1's accuracy
+    accuracy   1 if the completion's answer, as math-verify reads it (its boxes, a final-answer phrase, else its
+               last expression; data/answers.py), equals the row's reference answer; 0 if not; None if the check timed out. (DeepSeek-R1's accuracy
                reward, surveyed in the DeepSeek-R1 safety paper, paper 002 of the project.)
     format     1 if the completion has a closed \\boxed{}; with `format_pattern`, 1 if that regular expression
                matches (re.search, DOTALL: '.' spans lines; anchor with ^...$ for the whole completion), e.g.
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from data.answers import DEFAULT_TIMEOUT_S, _BOXED, extract_boxed, grade, reference_answer
-from model.errors import UserError
+from model.errors import RankLocalError, UserError
 
 RewardFn = Callable[..., list]
 
@@ -198,7 +198,13 @@ def score(rewards: Sequence[Reward], completions: Sequence[str], rows: Sequence[
     """(total reward per completion, each function's raw values). A total is None when any part is None."""
     parts: dict[str, list[float | None]] = {}
     for reward in rewards:
-        values = reward.fn(list(completions), list(rows), **reward.options)
+        try:
+            values = reward.fn(list(completions), list(rows), **reward.options)
+        except Exception as exc:  # noqa: BLE001 (a user's reward function may raise anything)
+            source = getattr(getattr(reward.fn, "__code__", None), "co_filename", "?")
+            name = getattr(reward.fn, "__name__", reward.name)
+            raise RankLocalError(f"--reward {reward.name}: the reward function {name} ({source}) raised "
+                            f"{type(exc).__name__}: {exc}; fix it or drop that --reward.") from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             raise UserError(f"reward {reward.name} returned {type(values).__name__} of length "
                             f"{len(values) if hasattr(values, '__len__') else '?'}; it must return a list with one "

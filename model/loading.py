@@ -103,7 +103,11 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None,
                 for key in f.keys():
                     if key == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # some tied checkpoints store the shared matrix twice
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise UserError(f"{file}: tensor {key} holds non-finite values (nan or inf), so this "
+                                        "checkpoint cannot be trained or evaluated; use an earlier checkpoint.")
+                    state[key] = tensor.to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise UserError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it.")
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 import train
 from losses import LOSSES
+from model import UserError
 from training import checkpoint, precision
 from tests.conftest import REPO_ROOT, SHARED, SHARED_MODELS, requires_shared, write_tiny_qwen2
 
@@ -500,16 +501,21 @@ def test_non_finite_step_is_skipped(model_dir: Path, data_dir: Path, tmp_path: P
 
 @requires_shared
 def test_non_finite_steps_in_a_row_stop_the_run(model_dir: Path, data_dir: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    nan_on_calls(monkeypatch, None)
+                                                monkeypatch: pytest.MonkeyPatch):
+    """A diverged run is an error, not a result: it ends with one sentence saying what happened and which checkpoint
+    is the last good one, and writes no final/ (the checkpoint before the streak stays the run's result)."""
+    nan_on_calls(monkeypatch, {3, 4, 5})
     out = tmp_path / "out"
-    summary, rows = run(model_dir, data_dir / "d4.jsonl", out, "--loss", "sft", "--max-steps", "10",
-                        "--max-bad-steps", "3")
-    assert summary["steps"] == 3 and summary["skipped_steps"] == 3
-    assert summary["stop_reason"] == "3 non-finite steps in a row"
-    assert "stopping: the loss or gradient was non-finite 3 steps in a row" in capsys.readouterr().err
-    assert len(rows) == 3 and all(r["skipped"] for r in rows)
-    assert_same_weights(out / "final", model_dir)
+    with pytest.raises(UserError) as error:
+        run(model_dir, data_dir / "d4.jsonl", out, "--loss", "sft", "--max-steps", "10", "--max-bad-steps", "3",
+            "--save-every", "2")
+    assert str(error.value).startswith("the loss or gradient was non-finite 3 steps in a row (up to step 5), so the "
+                                       f"run stopped without writing {out / 'final'}; the last good checkpoint is "
+                                       f"{out / 'step_4'}")
+    rows = read_rows(out)
+    assert len(rows) == 5 and [bool(r.get("skipped")) for r in rows] == [False, False, True, True, True]
+    assert not (out / "final").exists()
+    assert_same_weights(out / "step_4", out / "step_2")  # the skipped steps changed nothing
 
 
 # ---------------------------------------------------------------- fp16 and the dynamic loss scaler

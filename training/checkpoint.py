@@ -15,11 +15,15 @@ training.distributed only.
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,6 +34,17 @@ from model import Qwen2ForCausalLM, UserError, save_model
 from training import distributed
 
 STATE_FILE = "training_state.pt"
+MANIFEST = "manifest.json"  # every file of a checkpoint with its size and sha256, written last
+HISTORY_FILE = "args_history.jsonl"  # the flags of every start of the run, fresh or resumed
+
+# The flags that define a run: a resume must keep them (training/checkpoint.check_resume_flags). The rest (the
+# schedule and its length, eval and save cadence, logging, precision) may change on a resume, and the change is said.
+RUN_DEFINING = ("loss", "beta", "sft_norm", "length_normalized_ratio", "ref_model", "ref_mode", "dpo_variant",
+                "label_smoothing", "dpo_span", "keep_ties", "num_generations", "max_new_tokens", "temperature",
+                "top_p", "top_k", "mu", "advantage", "loss_agg", "clip_eps_low", "clip_eps_high", "mask_truncated",
+                "skip_zero_variance", "reward", "format_pattern", "length_target", "length_coef",
+                "length_penalty_every", "model", "data", "data_split", "eval_fraction", "max_len", "max_examples",
+                "pack", "seed")
 
 
 @dataclass
@@ -116,12 +131,56 @@ def save_checkpoint(out_dir: Path, model, tok, model_dir: Path, args, state: Tra
             torch.save(saved, tmp / STATE_FILE)
             if ranks.fsdp:
                 os.replace(optim_tmp, tmp / "optimizer")
+        write_manifest(tmp)  # last: a checkpoint whose files match it is whole
 
     if ranks.main:
         if args.save_dtype == "bfloat16":
             model = copy.deepcopy(model).to(torch.bfloat16)
-        save_model(model, out_dir, tokenizer=tok, source_dir=model_dir, extra_writer=extras)
+        try:
+            save_model(model, out_dir, tokenizer=tok, source_dir=model_dir, extra_writer=extras)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"no space left on the device holding {out_dir.parent} while writing {out_dir.name} "
+                            "(the previous checkpoints are intact); free some space there and run again with "
+                            "--resume.") from None
     distributed.barrier(ranks)  # nobody goes on (or resumes, or exits) before the checkpoint is whole
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """DIR/manifest.json: every other file under DIR (relative path -> size and sha256)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(entries, indent=1) + "\n")
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a file missing, cut short or changed since its manifest was written), or
+    None when it verifies. A checkpoint written before manifests existed is taken as it is."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None if (directory / STATE_FILE).is_file() else f"it has no {MANIFEST} and no {STATE_FILE}"
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is unreadable"
+    for name, entry in entries.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match the checksum written with it"
+    return None
 
 
 def plain_model(config, weights: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
@@ -154,9 +213,10 @@ def load_optimizer_state(model, optimizer, resume_dir: Path, state: dict, step_e
 
 
 def step_checkpoints(out: Path) -> list[Path]:
-    """The whole step_N checkpoints in `out`, oldest first: not a temp directory that an interrupted save left, nor a
-    `step_N.old`, nor a directory without training state."""
-    steps = [p for p in out.glob("step_*") if p.name.removeprefix("step_").isdigit() and (p / STATE_FILE).is_file()]
+    """The step_N checkpoints in `out`, oldest first: not a temp directory that an interrupted save left, nor a
+    `step_N.old`, nor a directory with neither training state nor manifest (checkpoint_problem says if one is whole)."""
+    steps = [p for p in out.glob("step_*") if p.name.removeprefix("step_").isdigit()
+             and ((p / STATE_FILE).is_file() or (p / MANIFEST).is_file())]
     return sorted(steps, key=lambda p: int(p.name.removeprefix("step_")))
 
 
@@ -176,12 +236,98 @@ def find_resume_dir(args) -> Path | None:
         if not steps and args.resume == "latest":
             raise UserError(f"--resume latest: {args.out} holds no step_N checkpoint to resume from; pass --resume "
                             f"(auto) to start fresh when there is none.")
-        return steps[-1] if steps else None
+        for path in reversed(steps):  # the newest that verifies
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"--resume: skipping {path}: {problem}")
+        if steps:
+            raise UserError(f"--resume: no checkpoint in {args.out} verifies (each is listed above with what is "
+                            "wrong); pass another --out to start over.")
+        return None
     path = Path(args.resume)
-    if not (path / STATE_FILE).is_file():
+    if not ((path / STATE_FILE).is_file() or (path / MANIFEST).is_file()):
         raise UserError(f"--resume {path} has no {STATE_FILE}; pass a step_N directory written by train.py, "
                         f"'latest' or 'auto'.")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"--resume {path} is damaged: {problem}; pass another step_N, or 'latest' to take the newest "
+                        "that verifies.")
     return path
+
+
+def lock_path(out: Path) -> Path:
+    """The lock of OUT sits beside it (.OUT.lock), so that a run refused for bad input leaves no OUT behind."""
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_output(out: Path, ranks: distributed.Ranks):
+    """One live run per output folder: an advisory lock on .OUT.lock, held while the returned file stays open (the
+    caller keeps it for the run); the OS releases it when the process ends, so a killed run never leaves it held."""
+    held, ok = None, True
+    if ranks.main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        held = open(lock_path(out), "a")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.close()
+            held, ok = None, False
+    if not all(distributed.all_gather(ok, ranks)):
+        raise UserError(f"{out} is in use by a run that is still going (it holds {lock_path(out)}); wait for it to "
+                        "end, or pass another --out.")
+    return held
+
+
+def _flag_value(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as args.json holds them
+
+
+def check_resume_flags(args, resume_dir: Path) -> list[str]:
+    """Refuses a resume that changes a flag defining the run (RUN_DEFINING), naming it and both values; returns the
+    other flags that changed ('--lr 0.001 -> 0.0005'), which a resume accepts."""
+    path = resume_dir / "args.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    now = {k: _flag_value(v) for k, v in vars(args).items()}
+    changed = [k for k in sorted(now) if k in saved and saved[k] != now[k] and k not in ("resume", "out")]
+    refused = [k for k in changed if k in RUN_DEFINING]
+    if refused:
+        raise UserError(f"--resume {resume_dir}: that run was started with " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]}" for k in refused) + " and this command has " + ", ".join(
+            f"--{k.replace('_', '-')} {now[k]}" for k in refused) + "; resume with the run's own value, or start a "
+            "new run in another --out.")
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in changed]
+
+
+def record_start(out: Path, args, step: int) -> None:
+    """OUT/args.json (the flags now) and one more line of OUT/args_history.jsonl (every start's flags and step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    with open(out / HISTORY_FILE, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "args": vars(args)}) + "\n")
+
+
+def abandon_later_checkpoints(out: Path, resume_dir: Path) -> None:
+    """Resuming from an explicit OUT/step_N: the later checkpoints of the branch it leaves (step_M for M > N, final/)
+    are moved into OUT/abandoned-K/, so no later --resume picks them up."""
+    if resume_dir.parent.resolve() != out.resolve():
+        return
+    n = int(resume_dir.name.removeprefix("step_"))
+    later = [p for p in step_checkpoints(out) if int(p.name.removeprefix("step_")) > n]
+    later += [out / "final"] if (out / "final").is_dir() else []
+    if not later:
+        return
+    k = 1
+    while (out / f"abandoned-{k}").exists():
+        k += 1
+    aside = out / f"abandoned-{k}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    print(f"resuming from {resume_dir}: moved the later checkpoints of the branch it leaves "
+          f"({', '.join(p.name for p in later)}) to {aside}")
 
 
 def finished_run(out: Path) -> dict | None:

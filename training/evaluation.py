@@ -26,9 +26,12 @@ from data.datasets import load_rows, prompt_and_answer, reference_answer
 from data.preference import collate_pairs
 from data.rewards import Completion
 from data.rewards import score as score_rewards
-from model import UserError
+from data.tokenizer import load_tokenizer
+from losses import ONLINE
+from model import UserError, load_model
 from model.generate import generate, is_truncated, stop_ids
 from training import distributed
+from training.checkpoint import read_metrics
 from training.inference import batched_logprobs
 from training.precision import Precision
 
@@ -217,3 +220,22 @@ def write_report(before: dict, after: dict, args, path: Path, problems: list, ra
     print(f"what changed on {args.eval_data}:" + "".join(
         f"\n  {names[k]:34s} {before.get(k, float('nan')):8.3f} -> {after[k]:8.3f}" for k in keys))
     print(f"(before -> after; written to {path})")
+
+
+def finish_report(args, out: Path, device: str, ranks: distributed.Ranks) -> dict:
+    """A run killed after writing final/ but before summary.json: the report from final/ (its last eval row is in
+    metrics.jsonl; greedy accuracy is measured again on the final weights)."""
+    model, model_dir = load_model(out / "final", torch.float32, device)
+    tok = load_tokenizer(model_dir)
+    rows = read_metrics(out / "metrics.jsonl")
+    summary = {k: v for r in rows if r.get("eval") for k, v in r.items()}  # the last eval's figures
+    steps = [r["step"] for r in rows if not r.get("eval")]
+    summary.update(steps=steps[-1] if steps else 0, stop_reason="finished its report after a kill")
+    problems = [] if args.loss in ONLINE else report_problems(args)
+    before_file = out / "summary_before.json"
+    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+    after = measure_end(model, tok, model_dir, summary, problems, ranks)
+    write_report(before, after, args, out / "summary.json", problems, ranks)
+    summary.update(before=before, after=after, message=f"{out} had finished training; its report is now written to "
+                   f"{out / 'summary.json'}.")
+    return summary

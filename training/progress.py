@@ -245,3 +245,12 @@ def show_done(summary: dict, final_dir: Path) -> None:
           + (f", eval nll {summary['eval_nll']:.4f} (ppl {summary['eval_ppl']:.2f})" if "eval_nll" in summary else "")
           + (f", eval accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary else "")
           + f"; checkpoint in {final_dir}")
+
+
+def diverged_message(state, args, out: Path) -> str:
+    """The error a run ends with after --max-bad-steps non-finite steps in a row: what happened, what is kept."""
+    steps = sorted((p for p in out.glob("step_*") if p.name.removeprefix("step_").isdigit()),
+                   key=lambda p: int(p.name.removeprefix("step_")))
+    kept = f"the last good checkpoint is {steps[-1]}" if steps else "no checkpoint was saved (see --save-every)"
+    return (f"the loss or gradient was non-finite {state.bad_streak} steps in a row (up to step {state.step}), so the "
+            f"run stopped without writing {out / 'final'}; {kept}; lower --lr or use --dtype bfloat16/float32.")

@@ -69,20 +69,45 @@ def load_reference(args, examples: list, tok, device: str, precision: Precision,
     if args.ref_mode == "live":
         return ref_model.requires_grad_(False), None
     path = reference_cache_path(ref_dir, examples, args.chunk_size)
-    if all(distributed.all_gather(path.is_file(), ranks)):  # every rank must take the same branch
+    table = read_cache(path) if path.is_file() else None
+    if all(distributed.all_gather(table is not None, ranks)):  # every rank must take the same branch
         print(f"reference log-probs: reusing {path}")
-        table = torch.load(path)
     else:
         print(f"reference log-probs: one pass of {ref_spec} over {len(examples)} examples -> {path}")
         table = precompute_reference(ref_model, examples, tok.pad_token_id, args.batch_size, precision,
                                      args.chunk_size, ranks)
         if ranks.main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(table, tmp)
-            os.replace(tmp, path)
+            write_cache(path, table)
     del ref_model
     return None, table
+
+
+def write_cache(path: Path, table: dict) -> None:
+    """The table, then its checksum beside it (PATH.sha256), each written under a temp name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(table, tmp)
+    os.replace(tmp, path)
+    tmp.write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    os.replace(tmp, path.with_suffix(".sha256"))
+
+
+def read_cache(path: Path) -> dict | None:
+    """The cached table, or None (said) when it cannot be trusted: no checksum beside it, a checksum that does not
+    match, or a file that does not load. The caller then computes it again and overwrites it."""
+    checksum = path.with_suffix(".sha256")
+    problem = None
+    if not checksum.is_file():
+        problem = "it has no checksum beside it"
+    elif checksum.read_text().strip() != hashlib.sha256(path.read_bytes()).hexdigest():
+        problem = "it does not match its checksum"
+    else:
+        try:
+            return torch.load(path)
+        except Exception as e:  # noqa: BLE001 (whatever torch.load raises on a damaged file)
+            problem = f"it does not load ({type(e).__name__})"
+    print(f"reference log-probs: the cache {path} cannot be used ({problem}); computing it again")
+    return None
 
 
 def live_reference(args, device: str) -> torch.nn.Module:

@@ -23,17 +23,21 @@ from losses import NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, WITH_SAMPLES
 from model import UserError, recover_interrupted_saves
 from training import distributed
 from training.batches import BatchSource, DatasetBatches, LengthSampleBatches, RolloutBatches
-from training.checkpoint import find_resume_dir, finished_run
-from training.evaluation import make_evaluator, report_problems
+from training.checkpoint import (HISTORY_FILE, abandon_later_checkpoints, check_resume_flags, find_resume_dir,
+                                 finished_run, lock_output)
+from training.evaluation import finish_report, make_evaluator, report_problems
 from training.precision import Precision
 from training.reference import live_reference, load_reference
 from training.rollouts import prompt_examples
 
 
-def open_output(args, ranks: distributed.Ranks) -> tuple[dict | None, Path | None]:
-    """(the summary of a finished run when --resume auto/latest finds one, else None; the step_N checkpoint to
-    resume from, or None for a fresh start). Tidies what an interrupted checkpoint write left first."""
+def open_output(args, ranks: distributed.Ranks, device: str) -> tuple[object, dict | None, Path | None]:
+    """(the lock that keeps OUT to this run while it is held; the summary of a finished run when --resume auto/latest
+    finds one, else None; the step_N checkpoint to resume from, or None for a fresh start). Before any work: a
+    folder another live run holds is refused, what an interrupted checkpoint write left is tidied, a resume's flags
+    are checked against the run's own, and an explicit older step_N sets the later checkpoints aside."""
     out = Path(args.out)
+    lock = lock_output(out, ranks)
     if ranks.main:
         for done in recover_interrupted_saves(out):  # a save killed midway: its temp directory goes
             print(f"{out}: {done} (left by an interrupted checkpoint write)")
@@ -41,9 +45,19 @@ def open_output(args, ranks: distributed.Ranks) -> tuple[dict | None, Path | Non
     if args.resume in ("auto", "latest"):
         finished = finished_run(out)
         if finished:
+            if not (out / "summary.json").is_file():  # killed after final/ was written: finish the report
+                finished = finish_report(args, out, device, ranks)
             print(finished["message"])
-            return finished, None
-    return None, find_resume_dir(args) if args.resume else None
+            return lock, finished, None
+    resume_dir = find_resume_dir(args) if args.resume else None
+    if resume_dir is not None:
+        changes = check_resume_flags(args, resume_dir)
+        if changes:
+            print(f"resuming with changed flags: {', '.join(changes)} (every start's flags: {out / HISTORY_FILE})")
+        if ranks.main and args.resume not in ("auto", "latest"):
+            abandon_later_checkpoints(out, resume_dir)
+        distributed.barrier(ranks)
+    return lock, None, resume_dir
 
 
 def seed_everything(seed: int) -> None:
