@@ -105,3 +105,19 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_
     if with_entropy:
         entropy = full.masked_scatter(keep, entropy)
     return (logps, entropy) if with_entropy else logps
+
+
+def sequence_scores(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+    """Run a reward model (Qwen2ForSequenceClassification, one output) on a collated batch and return each
+    sequence's score at its last real token, (B, T) fp32, 0 at every other position; so `per_sequence_sum(scores,
+    batch)` is each sequence's reward, packed rows included (the model's document mask keeps the sequences of a row
+    apart). `chunk_size` is accepted for the same call shape as sequence_logprobs and unused: the score head maps
+    each hidden state to one number, so there is no vocabulary-sized matrix to chunk."""
+    scores = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   document_ids=batch.get("document_ids"))  # (B, T, num_labels)
+    if scores.shape[-1] != 1:
+        raise ValueError(f"sequence_scores needs a reward model with one output; this one has {scores.shape[-1]}")
+    ids = batch["sequence_ids"]  # (B, T), -1 on padding; each sequence is contiguous within its row
+    following = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -1)], dim=1)  # (B, T)
+    is_last = (ids >= 0) & (ids != following)  # (B, T) the last position of each sequence
+    return torch.where(is_last, scores[..., 0].float(), 0.0)  # (B, T)

@@ -32,6 +32,9 @@ class Qwen2Config:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # Read and written for reward models (Qwen2ForSequenceClassification) only; a causal LM ignores them.
+    num_labels: int = 1  # outputs of the score head
+    pad_token_id: int | None = None  # how the reference finds each row's last real token when pooling scores
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +103,13 @@ class Qwen2Config:
                 raise UserError(f"{where}: use_sliding_window is true with sliding_window {window}; "
                                 f"sliding-window attention is not implemented (set use_sliding_window to false).")
 
+        # The reference's rule: id2label, when present, decides the number of labels; else num_labels. (Absent
+        # both, the reference assumes 2, a classifier's default; here 1, since only reward heads are built, and a
+        # score.weight of another shape is refused by the loader with its shape.)
+        id2label = raw.get("id2label")
+        num_labels = len(id2label) if id2label else int(raw.get("num_labels") or 1)
+        pad = raw.get("pad_token_id")
+
         eos = raw.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         dtype = raw.get("torch_dtype", raw.get("dtype")) or "float32"
@@ -118,19 +128,27 @@ class Qwen2Config:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=dtype if dtype in DTYPE_NAMES else "float32",
+            num_labels=num_labels,
+            pad_token_id=None if pad is None else int(pad),
         )
         if cfg.hidden_size % n_heads or n_heads % cfg.num_key_value_heads:
             raise UserError(f"{where}: hidden_size {cfg.hidden_size}, num_attention_heads {n_heads} and "
                             f"num_key_value_heads {cfg.num_key_value_heads} are inconsistent (heads must divide both).")
         return cfg
 
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json the reference implementation reads back into the same model."""
+    def to_hf(self, architecture: str = "Qwen2ForCausalLM") -> dict[str, Any]:
+        """The config.json the reference implementation reads back into the same model: `architecture`
+        "Qwen2ForCausalLM", or "Qwen2ForSequenceClassification" for a reward model (adds its labels and
+        pad_token_id; a causal LM's config.json carries pad_token_id only when set)."""
+        if architecture not in ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"):
+            raise ValueError(f"architecture must be Qwen2ForCausalLM or Qwen2ForSequenceClassification, "
+                             f"not {architecture!r}")
         d = asdict(self)
         eos = d.pop("eos_token_ids")
         d.pop("rope_theta")
+        num_labels, pad = d.pop("num_labels"), d.pop("pad_token_id")
         d.update(
-            architectures=["Qwen2ForCausalLM"],
+            architectures=[architecture],
             model_type="qwen2",
             hidden_act="silu",
             attention_dropout=0.0,
@@ -142,4 +160,10 @@ class Qwen2Config:
             use_cache=True,
             eos_token_id=(eos[0] if len(eos) == 1 else list(eos)) if eos else None,
         )
+        if architecture == "Qwen2ForSequenceClassification":
+            labels = [f"LABEL_{i}" for i in range(num_labels)]
+            d.update(id2label={str(i): name for i, name in enumerate(labels)},
+                     label2id={name: i for i, name in enumerate(labels)}, pad_token_id=pad)
+        elif pad is not None:
+            d["pad_token_id"] = pad
         return d

@@ -3,6 +3,10 @@
 The model is built on the meta device and the checkpoint's tensors are assigned into it, so a model never holds two
 copies of its weights. Saving writes the same layout back (tied LM head omitted, as HF does), into a temporary
 directory that is renamed into place only when complete.
+
+Two kinds of checkpoint: a causal LM (`lm_head.weight`, or tied to the embedding) loads with `load_model`; a reward
+model, the reference's Qwen2ForSequenceClassification with one output (`score.weight` (1, C), no LM head), with
+`load_reward_model`, which can also start one from a causal LM by giving it a fresh score head.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +25,7 @@ from safetensors.torch import save_file
 
 from model.config import DTYPE_NAMES, Qwen2Config
 from model.errors import UserError
-from model.qwen2 import Qwen2ForCausalLM
+from model.qwen2 import Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.model"]
@@ -82,27 +87,15 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
-               ) -> tuple[Qwen2ForCausalLM, Path]:
-    """Build the decoder from config.json and assign the safetensors weights into it. Returns (model, model_dir)."""
-    device = device or default_device()
-    if not isinstance(dtype, torch.dtype):
-        dtype = resolve_dtype(dtype, device)
-    model_dir = resolve_model_dir(name_or_path)
-    config = Qwen2Config.from_hf(model_dir)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-
+def _read_state(model_dir: Path, device, dtype: torch.dtype, skip: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint but those named in `skip`, on `device` in `dtype`; non-finite ones refused."""
     state: dict[str, torch.Tensor] = {}
     for file in _checkpoint_files(model_dir):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key == "lm_head.weight" and config.tie_word_embeddings:
-                        continue  # some tied checkpoints store the shared matrix twice
+                    if key in skip:
+                        continue
                     tensor = f.get_tensor(key)
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         raise UserError(f"{file}: tensor {key} holds non-finite values (nan or inf), so this "
@@ -110,15 +103,89 @@ def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None,
                     state[key] = tensor.to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise UserError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it.")
+    return state
 
+
+def _checkpoint_keys(model_dir: Path) -> set[str]:
+    keys: set[str] = set()
+    for file in _checkpoint_files(model_dir):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys.update(f.keys())
+        except SafetensorError as e:
+            raise UserError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it.")
+    return keys
+
+
+def _check_keys(model_dir: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     problems = [f"missing {k} {list(s)}" for k, s in expected.items() if k not in state]
     problems += [f"unexpected {k} {list(state[k].shape)}" for k in state if k not in expected]
     problems += [f"{k} has shape {list(state[k].shape)}, config.json implies {list(s)}"
                  for k, s in expected.items() if k in state and tuple(state[k].shape) != s]
     if problems:
         raise UserError(f"{model_dir} does not match its config.json: " + "; ".join(problems) + ".")
+
+
+def _resolve(name_or_path, dtype, device) -> tuple[Path, torch.dtype, str]:
+    device = device or default_device()
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, device)
+    return resolve_model_dir(name_or_path), dtype, device
+
+
+def load_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
+               ) -> tuple[Qwen2ForCausalLM, Path]:
+    """Build the decoder from config.json and assign the safetensors weights into it. Returns (model, model_dir)."""
+    model_dir, dtype, device = _resolve(name_or_path, dtype, device)
+    config = Qwen2Config.from_hf(model_dir)
+    if "score.weight" in _checkpoint_keys(model_dir):
+        raise UserError(f"{model_dir} is a reward model (Qwen2ForSequenceClassification: score.weight, no LM head), "
+                        f"not a language model; load it with load_reward_model, or pass a causal LM checkpoint.")
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    # some tied checkpoints store the shared matrix twice
+    state = _read_state(model_dir, device, dtype, {"lm_head.weight"} if config.tie_word_embeddings else set())
+    _check_keys(model_dir, state, expected)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    return model.eval(), model_dir
+
+
+def load_reward_model(name_or_path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None,
+                      init_head: bool = False, seed: int = 0) -> tuple[Qwen2ForSequenceClassification, Path]:
+    """A reward model (Qwen2ForSequenceClassification with one output) and its directory.
+
+    A reward checkpoint (with `score.weight`) loads as it is. A causal LM checkpoint (no score.weight; its LM head
+    is dropped) becomes one with `init_head`: the body is the LM's, the score head fresh, normal(0,
+    initializer_range of config.json, else 0.02) as the reference initialises it, drawn from a generator seeded with
+    `seed` (the same seed gives the same head). Without `init_head` a causal LM is refused.
+    """
+    model_dir, dtype, device = _resolve(name_or_path, dtype, device)
+    config = Qwen2Config.from_hf(model_dir)
+    has_head = "score.weight" in _checkpoint_keys(model_dir)
+    if not has_head and not init_head:
+        raise UserError(f"{model_dir} is not a reward model (no score.weight); train one with train.py --loss "
+                        f"reward, or pass a checkpoint written by one.")
+    if not has_head:
+        config = replace(config, num_labels=1)
+    with torch.device("meta"):
+        model = Qwen2ForSequenceClassification(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = _read_state(model_dir, device, dtype, {"lm_head.weight"})
+    if has_head and state["score.weight"].shape[0] != 1:
+        raise UserError(f"{model_dir}: score.weight has shape {list(state['score.weight'].shape)}, so the head has "
+                        f"{state['score.weight'].shape[0]} outputs; a reward model has 1 (pass a checkpoint trained "
+                        f"with train.py --loss reward).")
+    if not has_head:
+        std = json.loads((model_dir / "config.json").read_text()).get("initializer_range") or 0.02
+        gen = torch.Generator().manual_seed(seed)
+        state["score.weight"] = (torch.randn(expected["score.weight"], generator=gen) * std).to(device=device,
+                                                                                                dtype=dtype)
+    _check_keys(model_dir, state, expected)
+    model.load_state_dict(state, strict=False, assign=True)
     return model.eval(), model_dir
 
 
@@ -174,20 +241,22 @@ def recover_interrupted_saves(parent: str | Path) -> list[str]:
     return done
 
 
-def save_model(model: Qwen2ForCausalLM, out_dir: str | Path, tokenizer=None, source_dir: str | Path | None = None,
-               max_shard_bytes: int = 2 * 1024**3, extra_writer=None) -> Path:
+def save_model(model: Qwen2ForCausalLM | Qwen2ForSequenceClassification, out_dir: str | Path, tokenizer=None,
+               source_dir: str | Path | None = None, max_shard_bytes: int = 2 * 1024**3, extra_writer=None) -> Path:
     """Write an HF-layout checkpoint: config.json, model.safetensors (sharded past max_shard_bytes), tokenizer files,
     and generation_config.json from source_dir. `extra_writer(tmp_dir)` may add files (e.g. training state) so that
-    they land atomically with the weights."""
+    they land atomically with the weights. A reward model is written as the reference's
+    Qwen2ForSequenceClassification (score.weight, no LM head; its architecture, labels and pad_token_id in config.json)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)  # a reward model has no LM head to omit
         dtype = next(iter(state.values())).dtype
-        config = model.config.to_hf()
+        reward = isinstance(model, Qwen2ForSequenceClassification)  # isinstance: FSDP2 subclasses the model's class
+        config = model.config.to_hf("Qwen2ForSequenceClassification" if reward else "Qwen2ForCausalLM")
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards = _shards(state, max_shard_bytes)

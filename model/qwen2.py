@@ -235,14 +235,59 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
+    """The decoder body every head shares: embedding, rotary angles, attention mask, layers, final norm."""
+
     def __init__(self, config: Qwen2Config):
         super().__init__()
+        self.config = config
         weight = torch.empty(config.vocab_size, config.hidden_size)
         if weight.device.type != "meta":  # nn.Embedding's own init, skipped on meta (where it takes seconds)
             nn.init.normal_(weight)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T); default: past length + arange(T)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, covering cached + new positions;
+        # or a ready (B, 1, T, S) mask, boolean (True = attend) or additive (0 / -inf; one-token decode steps)
+        document_ids: torch.Tensor | None = None,  # (B, T) packed-document index of each position
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        checkpointing: bool = False,
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, T, C), or (B, 1, C) with `last_only` (the norm then runs on the last
+        position only). `checkpointing` recomputes each layer in backward (the heads pass their
+        `gradient_checkpointing` flag, in training with grad enabled)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if cache is not None:  # positions count real tokens, so they stay below the cache's columns
+            if cache.rotary is None:
+                cache.rotary = RotaryTable(cache.max_len, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                           x.device)
+            cos, sin = cache.rotary(position_ids)
+        else:
+            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:  # built by the caller, used as given
+            mask = attention_mask
+        elif attention_mask is not None or document_ids is not None or (past > 0 and T > 1):
+            mask = build_attention_mask(T, past + T, x.device, attention_mask, document_ids)
+        for layer in self.layers:
+            if checkpointing:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.norm(x)  # (B, T, C)
 
 
 def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tensor | None = None,
@@ -264,6 +309,20 @@ def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tens
     return mask | (k_pos == q_pos)[None, None]
 
 
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, seed: int) -> None:
+    """Fresh weights as the reference initialises Qwen2: normal(0, std) matrices and embeddings, zero biases, unit
+    norms. Deterministic from `seed` (parameters visited in name order; a tied matrix once, under its first name)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
@@ -273,18 +332,9 @@ class Qwen2ForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         self.tie_weights()
 
-    @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int = 0) -> "Qwen2ForCausalLM":
-        """Fresh weights for training from scratch, as the reference initialises Qwen2: normal(0, std) matrices and
-        embeddings, zero biases, unit norms. Deterministic from `seed` (parameters visited in name order)."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in sorted(self.named_parameters()):
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        """Fresh weights for training from scratch (see `init_parameters`)."""
+        init_parameters(self, std, seed)
         return self
 
     def tie_weights(self) -> None:
@@ -309,31 +359,65 @@ class Qwen2ForCausalLM(nn.Module):
         With no attention_mask and no document_ids, attention is plain causal: right padding needs no mask,
         since real tokens never attend to the pad tokens after them.
         """
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if cache is not None:  # positions count real tokens, so they stay below the cache's columns
-            if cache.rotary is None:
-                cache.rotary = RotaryTable(cache.max_len, self.config.head_dim, self.config.rope_theta, x.dtype,
-                                           x.device)
-            cos, sin = cache.rotary(position_ids)
-        else:
-            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 4:  # built by the caller, used as given
-            mask = attention_mask
-        elif attention_mask is not None or document_ids is not None or (past > 0 and T > 1):
-            mask = build_attention_mask(T, past + T, x.device, attention_mask, document_ids)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)  # (B, T, C)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x = self.model(input_ids, position_ids, attention_mask, document_ids, cache, last_only, checkpointing)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
+
+
+class Qwen2ForSequenceClassification(nn.Module):
+    """The decoder with a linear score head on every position, as the reference's Qwen2ForSequenceClassification
+    (parameters `model.*` and `score.weight`, no LM head). With num_labels 1 it is a reward model: the score of a
+    sequence is the head's output at its last real token (`pooled`)."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.gradient_checkpointing = False
+
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> "Qwen2ForSequenceClassification":
+        """Fresh weights, body and head (see `init_parameters`)."""
+        init_parameters(self, std, seed)
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T); default arange(T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token, or a ready (B, 1, T, T) mask
+        document_ids: torch.Tensor | None = None,  # (B, T) packed-document index of each position
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Scores at every position (B, T, num_labels), or the final normed hidden states (B, T, C) with
+        `return_hidden`. Masking and packing as in Qwen2ForCausalLM.forward."""
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        x = self.model(input_ids, position_ids, attention_mask, document_ids, checkpointing=checkpointing)
+        return x if return_hidden else self.score(x)  # (B, T, num_labels)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's score at its last real token: (B,) with num_labels 1, else (B, num_labels).
+
+        With `attention_mask` (B, T), the last position where it is 1; positions then count real tokens only, so
+        a left-padded row scores as it would alone. Without it, as the reference pools: the last token that is not
+        `pad_token_id` (right or left padding; a row of only pad tokens takes position 0), plain causal attention,
+        positions 0..T-1 (for left padding pass the mask, or the pads take part in attention, as in the
+        reference); a config without pad_token_id pools the last position, for one row only.
+        """
+        B, T = input_ids.shape
+        columns = torch.arange(T, device=input_ids.device)
+        position_ids = None
+        if attention_mask is not None:
+            real = attention_mask.long()  # (B, T)
+            position_ids = (real.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        elif self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).long()  # (B, T)
+        elif B == 1:
+            real = torch.ones_like(input_ids)
+        else:
+            raise ValueError("pooled() of a batch needs an attention_mask or a config with pad_token_id (which "
+                             "positions are padding?), as the reference's Qwen2ForSequenceClassification does.")
+        last = (columns * real).argmax(-1)  # (B,) the reference's rule: rightmost real column, 0 if none
+        scores = self(input_ids, position_ids=position_ids, attention_mask=attention_mask)  # (B, T, num_labels)
+        pooled = scores[torch.arange(B, device=scores.device), last]  # (B, num_labels)
+        return pooled.squeeze(-1) if self.config.num_labels == 1 else pooled
