@@ -74,7 +74,7 @@ def train(args: argparse.Namespace) -> dict:
     # Under torchrun: join the process group (one device per rank); otherwise one process, ranks.active False.
     ranks, device = distributed.init(args.device or default_device(), args.dist_timeout, args.fsdp)
     precision = Precision(device, args.dtype)
-    rewards = load_rewards(args)  # grpo's reward functions, checked before anything loads
+    rewards = load_rewards(args, device)  # grpo's reward functions, checked before anything loads
     lock, finished, resume_dir = open_output(args, ranks, device)  # OUT is this run's while `lock` is held
     if finished:
         return finished

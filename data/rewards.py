@@ -23,6 +23,11 @@ never silently a 0. Extra settings are keyword-only parameters, filled from the 
 
 Combined from the command line: `--reward accuracy --reward format:0.1` gives 1.0 * accuracy + 0.1 * format per
 completion (None if any part is None); `--reward my_rewards.py:brevity:0.5` loads `brevity` from that file.
+
+`--reward model:DIR[:W]` is a frozen reward model's score r(prompt, completion) (a checkpoint of train.py --loss
+reward), named `model`, so logged as `reward_model`. Only its spec is read here: data/ loads no model, so
+`build_rewards` takes the function that builds it (training/reward_scoring.py's `model_reward`) from its caller
+(train.py through training/setup.py's `load_rewards`, rejection_sample.py).
 """
 
 from __future__ import annotations
@@ -136,23 +141,43 @@ class Reward:
     options: dict[str, Any]
 
 
+MODEL_PREFIX = "model:"  # --reward model:DIR[:WEIGHT]
+MODEL_REWARD_NAME = "model"  # rollout metrics log `reward_{name}`: reward_model
+
+
 def parse_reward_spec(spec: str) -> tuple[str, str | None, float]:
-    """`name[:weight]` or `file.py:function[:weight]` -> (name or file, function or None, weight)."""
+    """`name[:weight]`, `file.py:function[:weight]` or `model:DIR[:weight]` -> (name or file, function or None, weight),
+    for a model ("model", DIR, weight). DIR may itself hold colons: a last part that is not a number belongs to it."""
+    if spec.startswith(MODEL_PREFIX):
+        directory, weight_text = spec[len(MODEL_PREFIX):], None
+        head, _, tail = directory.rpartition(":")
+        if head:
+            try:
+                float(tail)
+                directory, weight_text = head, tail
+            except ValueError:
+                pass
+        if not directory:
+            raise UserError(f"--reward {spec!r}: use model:DIR[:WEIGHT], DIR a reward model's checkpoint directory.")
+        return MODEL_REWARD_NAME, directory, _weight(spec, weight_text) if weight_text is not None else 1.0
     parts = spec.split(":")
     file_spec = parts[0].endswith(".py")
     n_name = 2 if file_spec else 1
     if not parts[0] or len(parts) > n_name + 1 or (file_spec and len(parts) < 2):
-        raise UserError(f"--reward {spec!r}: use NAME[:WEIGHT] (NAME one of {', '.join(REWARDS)}) or "
-                        "FILE.py:FUNCTION[:WEIGHT].")
-    weight = 1.0
-    if len(parts) == n_name + 1:
-        try:
-            weight = float(parts[-1])
-        except ValueError:
-            raise UserError(f"--reward {spec!r}: the weight {parts[-1]!r} is not a number.") from None
-        if not math.isfinite(weight):
-            raise UserError(f"--reward {spec!r}: the weight must be a finite number.")
+        raise UserError(f"--reward {spec!r}: use NAME[:WEIGHT] (NAME one of {', '.join(REWARDS)}), "
+                        "FILE.py:FUNCTION[:WEIGHT] or model:DIR[:WEIGHT].")
+    weight = _weight(spec, parts[-1]) if len(parts) == n_name + 1 else 1.0
     return parts[0], (parts[1] if file_spec else None), weight
+
+
+def _weight(spec: str, text: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise UserError(f"--reward {spec!r}: the weight {text!r} is not a number.") from None
+    if not math.isfinite(weight):
+        raise UserError(f"--reward {spec!r}: the weight must be a finite number.")
+    return weight
 
 
 def load_reward_function(path: str, name: str, spec: str) -> RewardFn:
@@ -171,23 +196,40 @@ def load_reward_function(path: str, name: str, spec: str) -> RewardFn:
     return fn
 
 
-def build_rewards(specs: Sequence[str], options: Mapping[str, Any]) -> list[Reward]:
-    """The weighted reward functions of the `--reward` flags, each bound to the options it accepts."""
+def build_rewards(specs: Sequence[str], options: Mapping[str, Any],
+                  model_reward: Callable[[str, str], RewardFn] | None = None) -> list[Reward]:
+    """The weighted reward functions of the `--reward` flags, each bound to the options it accepts.
+    `model_reward(DIR, spec)` builds the function of a `model:DIR` spec (a reward model's scores); without it such a
+    spec is refused. The reward model is built last, once every other spec has been checked, so a bad spec costs no
+    model load."""
+    models = [spec for spec in specs if spec.startswith(MODEL_PREFIX)]
+    if models and model_reward is None:
+        raise UserError(f"--reward {models[0]!r}: a reward model is scored by train.py --loss grpo and "
+                        "rejection_sample.py only.")
+    if len(models) > 1:
+        raise UserError(f"--reward {models[1]!r}: one reward model per run; give a single --reward model:DIR.")
     rewards = []
     for spec in specs:
         head, fn_name, weight = parse_reward_spec(spec)
-        if fn_name is not None:
+        if spec.startswith(MODEL_PREFIX):
+            fn, name = None, MODEL_REWARD_NAME  # built below, once the other specs are known to be good
+        elif fn_name is not None:
             fn, name = load_reward_function(head, fn_name, spec), f"{Path(head).stem}.{fn_name}"
         elif head in REWARDS:
             fn, name = REWARDS[head], head
+        elif head == MODEL_REWARD_NAME:
+            raise UserError(f"--reward {spec!r}: a reward model is given as model:DIR[:WEIGHT].")
         else:
-            raise UserError(f"--reward {spec!r}: unknown reward {head!r}; use one of {', '.join(REWARDS)} or "
-                            "FILE.py:FUNCTION.")
-        params = inspect.signature(fn).parameters
+            raise UserError(f"--reward {spec!r}: unknown reward {head!r}; use one of {', '.join(REWARDS)}, "
+                            "FILE.py:FUNCTION or model:DIR.")
+        params = inspect.signature(fn).parameters if fn is not None else {}
         bound = {k: v for k, v in options.items() if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
         if name in (r.name for r in rewards):
             raise UserError(f"--reward {spec!r}: {name} is given twice; give it once with its weight.")
         rewards.append(Reward(name, fn, weight, bound))
+    for reward, spec in zip(rewards, specs):
+        if reward.fn is None:
+            reward.fn = model_reward(parse_reward_spec(spec)[1], spec)
     if not rewards:
         raise UserError("give at least one --reward (e.g. --reward accuracy).")
     return rewards

@@ -28,6 +28,7 @@ from training.checkpoint import (HISTORY_FILE, abandon_later_checkpoints, check_
 from training.evaluation import finish_report, make_evaluator, report_problems
 from training.precision import Precision
 from training.reference import live_reference, load_reference
+from training.reward_scoring import model_reward
 from training.rollouts import prompt_examples
 
 
@@ -135,9 +136,14 @@ def load_data(args, tok) -> RunData:
     return data
 
 
-def load_rewards(args) -> list | None:
-    """grpo's reward functions (data/rewards.py), checked before any model or data loads; None for the others."""
-    return build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS}) if args.loss in ONLINE else None
+def load_rewards(args, device: str) -> list | None:
+    """grpo's reward functions (data/rewards.py), checked before any model or data loads; None for the others.
+    A `--reward model:DIR` is loaded here, once, frozen, whole on this rank's `device` (not sharded under --fsdp):
+    each rank scores its own rollouts (training/reward_scoring.py)."""
+    if args.loss not in ONLINE:
+        return None
+    return build_rewards(args.reward, {k: getattr(args, k) for k in REWARD_OPTIONS},
+                         model_reward=lambda path, spec: model_reward(path, spec, device))
 
 
 def make_batch_source(args, data: RunData, model, tok, rewards, eos: list[int], hparams: dict, device: str,
