@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data.tokenizer import load_tokenizer
 from losses import LOSSES
 from losses.logprobs import sequence_logprobs
-from model import UserError, default_device, load_model
+from model import UserError, default_device
 from model.errors import RankLocalError
 from model.generate import stop_ids
 from training import distributed, flags
@@ -42,7 +42,8 @@ from training.optim import lr_at, make_optimizer
 from training.precision import Precision
 from training.progress import (MetricsLog, StepTotals, diverged_message, open_trackers, show_done, show_start,
                                show_step)
-from training.setup import load_data, load_rewards, make_batch_source, open_output, prepare_model, seed_everything
+from training.setup import (load_data, load_rewards, load_trained_model, make_batch_source, open_output, prepare_model,
+                            seed_everything)
 
 
 def build_parser():
@@ -81,10 +82,8 @@ def train(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)
     out = Path(args.out)
 
-    # fp32 master weights. Under --fsdp they are read into CPU memory and fully_shard moves each rank's shard to its
-    # device (distributed.shard_model), so no device ever holds the whole model.
-    model, model_dir = load_model(str(resume_dir) if resume_dir else args.model, torch.float32,
-                                  "cpu" if ranks.fsdp else device)
+    model, model_dir = load_trained_model(args, resume_dir, device, ranks)  # a causal LM (or for --loss reward a
+    # reward model), fp32 master weights; under --fsdp read into CPU memory, then sharded (prepare_model)
     tok = load_tokenizer(model_dir)
     data = load_data(args, tok)  # rows -> token ids + loss masks (prompts for grpo, pairs for the dpo family)
     eos = stop_ids(model_dir, model, tok.im_end_id)  # a chat turn ends at <|im_end|>
@@ -141,7 +140,7 @@ def train(args: argparse.Namespace) -> dict:
                     logps, entropy = sequence_logprobs(model, batch, args.chunk_size, with_entropy=True)  # (B, T)
                     batch["entropy"] = entropy.detach().float()
                 else:
-                    logps = sequence_logprobs(model, batch, args.chunk_size)  # (B, T)
+                    logps = source.per_token(model, batch, args.chunk_size)  # (B, T) sequence_logprobs (reward: scores)
                 result = loss_fn(logps.float(), batch["loss_mask"], batch, **hparams)
             (result.loss_sum * ((0.0 if k >= real else precision.loss_scale) / step_tokens)).backward()
             if k < real:

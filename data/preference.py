@@ -66,6 +66,15 @@ def is_tie(row: Mapping[str, Any]) -> bool:
     return False
 
 
+def score_margin(row: Mapping[str, Any]) -> float | None:
+    """score_chosen - score_rejected of a row (top level, or under `metadata`), None when it carries no scores."""
+    for source in (row, row.get("metadata") if isinstance(row.get("metadata"), Mapping) else {}):
+        a, b = source.get("score_chosen"), source.get("score_rejected")
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return float(a) - float(b)
+    return None
+
+
 def pair_messages(row: Mapping[str, Any], where: str) -> tuple[list[dict], list[dict], list[dict]]:
     """(prompt turns, chosen reply turns, rejected reply turns) of one preference row, checked."""
     if not isinstance(row, Mapping):

@@ -1,6 +1,7 @@
 """Training objectives, one file each, all with one contract, so `--loss NAME` is a lookup in `LOSSES` below.
 
-A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of per-token log-probs: `logps` (B, T)
+A loss is a pure function `fn(logps, mask, batch, **hparams) -> LossOutput` of per-token log-probs (or, for the
+objectives in `ON_SCORES`, of a reward model's scores in the same (B, T) layout): `logps` (B, T)
 float32 is log pi_theta of each target token (with grad, computed by `losses/logprobs.py`), `mask` (B, T) is 1 on
 trained tokens, and `batch` carries `sequence_ids` (B, T) (which sequence each position belongs to, -1 on padding;
 several sequences may share a packed row), `num_sequences`, and for the objectives in `NEEDS_REFERENCE` the reference
@@ -24,6 +25,7 @@ from losses.dpo import DPO_VARIANTS, dpo_loss
 from losses.minor_dpo import minor_dpo_loss
 from losses.grpo import grpo_loss
 from losses.minor_sft import minor_sft_loss
+from losses.reward import reward_loss
 from losses.sft import sft_loss
 from losses.sft_length import sft_length_loss
 from losses.sft_dpo import sft_dpo_loss
@@ -37,6 +39,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "minor_dpo": minor_dpo_loss,
     "grpo": grpo_loss,
     "sft_length": sft_length_loss,
+    "reward": reward_loss,
 }
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
@@ -45,7 +48,12 @@ NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
 
 # Objectives trained on preference pairs: each batch holds the chosen and rejected sequences of its pairs, and
 # `batch["chosen_seq"]`, `batch["rejected_seq"]` (P,) say which is which (losses/common.py, data/preference.py).
-PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo"}
+PREFERENCE_LOSSES: set[str] = {"dpo", "minor_dpo", "reward"}
+
+# Objectives that train a reward model (model/qwen2.py's Qwen2ForSequenceClassification): their first argument is
+# not log-probs but the model's scores, (B, T) with each sequence's reward at its last token
+# (losses/logprobs.py's sequence_scores).
+ON_SCORES: set[str] = {"reward"}
 
 # Objectives trained on completions sampled from the policy during training (training/rollouts.py), not on the
 # dataset's replies.
@@ -63,5 +71,5 @@ def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "PREFERENCE_LOSSES", "WITH_SAMPLES", "LossOutput",
-           "SFT_NORMS", "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "ON_SCORES", "PREFERENCE_LOSSES", "WITH_SAMPLES",
+           "LossOutput", "SFT_NORMS", "hparams_for"]

@@ -44,6 +44,14 @@ def per_sequence_sum(values: Tensor, batch: dict) -> Tensor:
     return total.index_add(0, ids.clamp(min=0).flatten(), torch.where(is_real, values, 0.0).flatten())
 
 
+def last_token_mask(batch: dict) -> Tensor:
+    """1.0 at the last token of every sequence (B, T), else 0: where a reward model's score of the sequence is read.
+    A position is last when the next one belongs to another sequence (or to padding, or is past the row's end)."""
+    ids = batch["sequence_ids"]  # (B, T)
+    following = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -1)], dim=1)  # (B, T)
+    return ((ids >= 0) & (following != ids)).float()
+
+
 def per_sequence_count(mask: Tensor, batch: dict) -> Tensor:
     """Number of trained tokens of each sequence -> (N,) float (the paper's answer length m)."""
     return per_sequence_sum(mask.to(torch.float32), batch)  # (N,)

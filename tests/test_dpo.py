@@ -26,7 +26,7 @@ import torch
 
 from data.datasets import Example
 from data.preference import PreferencePair, collate_pairs
-from losses import LOSSES, NEEDS_REFERENCE, PREFERENCE_LOSSES, hparams_for
+from losses import LOSSES, NEEDS_REFERENCE, ON_SCORES, PREFERENCE_LOSSES, hparams_for
 from losses.dpo import dpo_loss
 from losses.logprobs import sequence_logprobs
 from losses.minor_dpo import minor_dpo_loss
@@ -82,7 +82,8 @@ def check(out, grad, mask, values: list[float], dl_dh: list[float], normalized: 
 
 
 def test_registry_and_hparams():
-    assert {"dpo", "minor_dpo"} <= PREFERENCE_LOSSES <= NEEDS_REFERENCE
+    assert {"dpo", "minor_dpo"} <= PREFERENCE_LOSSES
+    assert PREFERENCE_LOSSES - ON_SCORES <= NEEDS_REFERENCE  # every pair objective on log-probs has a reference
     flags = {"beta": 0.2, "dpo_variant": "ipo", "label_smoothing": 0.1, "sft_norm": "token"}
     assert hparams_for("dpo", flags) == {"beta": 0.2, "dpo_variant": "ipo", "label_smoothing": 0.1}
     assert hparams_for("minor_dpo", flags) == {"beta": 0.2}

@@ -8,7 +8,9 @@
     rollouts.py     GRPO's rollouts: prompts -> sampled groups -> rewards -> advantages -> micro-batches
     batches.py      where a step's micro-batches come from: one source per kind (dataset, rollouts, length samples),
                     and FSDP's 0-weight padding
-    evaluation.py   held-out evals (NLL, preference accuracy, rollout accuracy) and the before/after report
+    evaluation.py   held-out evals (NLL, preference accuracy, rollout accuracy, reward-model pair accuracy) and the
+                    before/after report
+    reward_scoring.py  a frozen reward model scoring (prompt, completion): GRPO's --reward model:DIR, best-of-n
     checkpoint.py   checkpoints and the training state a resume restores, defined and saved in one place
     setup.py        a run's pieces built from the flags: model, data, batch source, evaluator, optimizer
     distributed.py  several processes under torchrun (data parallel, FSDP2)

@@ -65,9 +65,10 @@ class BatchSource:
     advanced in the TrainState, and FSDP's padding."""
 
     def __init__(self, examples: list, args, tok, device: str, precision: Precision, ranks: distributed.Ranks,
-                 pack_len: int | None = None):
+                 pack_len: int | None = None, per_token=sequence_logprobs):
         self.examples, self.args, self.tok, self.device, self.precision, self.ranks = (
             examples, args, tok, device, precision, ranks)
+        self.per_token = per_token  # what the loss reads: log-probs of the targets, or a reward model's scores
         step_examples = args.batch_size * args.grad_accum * ranks.world  # a step's examples over all ranks
         self.sampler = BatchSampler(examples, step_examples, seed=args.seed, pack_len=pack_len)
         self._order: tuple[int, list[list[int]]] = (0, self.sampler.epoch_batches(0))
@@ -102,15 +103,16 @@ class BatchSource:
 
 
 class DatasetBatches(BatchSource):
-    """Examples or preference pairs (dpo, minor_dpo: a micro-batch of --batch-size pairs puts its 2 x batch-size
-    sequences through one forward; they are packed inside a micro-batch, never across). `ref_table` (precomputed)
-    or `ref_model` (live) give the reference's log-probs."""
+    """Examples or preference pairs (dpo, minor_dpo, reward: a micro-batch of --batch-size pairs puts its
+    2 x batch-size sequences through one forward; they are packed inside a micro-batch, never across). `ref_table`
+    (precomputed) or `ref_model` (live) give the reference's log-probs; `margins` the reward loss's rows' ratings."""
 
     def __init__(self, examples: list, args, tok, device: str, precision: Precision, ranks: distributed.Ranks,
-                 preference: bool = False, ref_model=None, ref_table: dict | None = None):
+                 preference: bool = False, ref_model=None, ref_table: dict | None = None, per_token=sequence_logprobs,
+                 margins: dict[int, float] | None = None):
         super().__init__(examples, args, tok, device, precision, ranks,
-                         pack_len=args.max_len if args.pack and not preference else None)
-        self.preference, self.ref_model, self.ref_table = preference, ref_model, ref_table
+                         pack_len=args.max_len if args.pack and not preference else None, per_token=per_token)
+        self.preference, self.ref_model, self.ref_table, self.margins = preference, ref_model, ref_table, margins
         self.step_micros: list[list] = []  # the step's micro-batches over all ranks (the padding is the first)
 
     def make_step(self, state: TrainState) -> StepBatches:
@@ -129,6 +131,8 @@ class DatasetBatches(BatchSource):
         pack_len = self.args.max_len if self.args.pack else None
         if self.preference:
             batch = collate_pairs(micro, self.tok.pad_token_id, pack_len=pack_len, ref_logps=self.ref_table)
+            if self.margins is not None:  # --loss reward --margin-scale: the rows' score differences (P,)
+                batch["score_margin"] = torch.tensor([self.margins[pair.index] for pair in micro])
         else:
             batch = collate(micro, self.tok.pad_token_id, pack_len=pack_len, ref_logps=self.ref_table)
         if self.ref_model is not None:

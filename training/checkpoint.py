@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import Qwen2ForCausalLM, UserError, save_model
+from model import Qwen2ForCausalLM, Qwen2ForSequenceClassification, UserError, save_model
 from training import distributed
 
 STATE_FILE = "training_state.pt"
@@ -44,7 +44,7 @@ RUN_DEFINING = ("loss", "beta", "sft_norm", "length_normalized_ratio", "ref_mode
                 "top_p", "top_k", "mu", "advantage", "loss_agg", "clip_eps_low", "clip_eps_high", "mask_truncated",
                 "skip_zero_variance", "reward", "format_pattern", "length_target", "length_coef",
                 "length_penalty_every", "model", "data", "data_split", "eval_fraction", "max_len", "max_examples",
-                "pack", "seed")
+                "pack", "seed", "margin_scale", "center_rewards_coefficient")
 
 
 @dataclass
@@ -183,10 +183,11 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def plain_model(config, weights: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
-    """An unsharded model around gathered CPU weights (FSDP's full state dict), for save_model."""
+def plain_model(config, weights: dict[str, torch.Tensor]):
+    """An unsharded model around gathered CPU weights (FSDP's full state dict), for save_model: a reward model when
+    the weights hold its score head, else a causal LM."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForSequenceClassification(config) if "score.weight" in weights else Qwen2ForCausalLM(config)
     if config.tie_word_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     model.load_state_dict(weights, strict=not config.tie_word_embeddings, assign=True)

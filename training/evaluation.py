@@ -24,11 +24,13 @@ from data.answers import DEFAULT_TIMEOUT_S, share_correct
 from data.collate import collate
 from data.datasets import load_rows, prompt_and_answer, reference_answer
 from data.preference import collate_pairs
+from losses.common import last_token_mask, per_sequence_sum
+from losses.logprobs import sequence_scores
 from data.rewards import Completion
 from data.rewards import score as score_rewards
 from data.tokenizer import load_tokenizer
-from losses import ONLINE
-from model import UserError, load_model
+from losses import ON_SCORES, ONLINE
+from model import UserError, load_model, load_reward_model
 from model.generate import generate, is_truncated, stop_ids
 from training import distributed
 from training.checkpoint import read_metrics
@@ -69,6 +71,24 @@ def evaluate_pairs(model, pairs: list, pad_id: int, batch_size: int, precision: 
     mean = nll / max(tokens, 1.0)
     return {"eval_nll": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": tokens,
             "eval_preference_accuracy": correct / max(len(pairs), 1)}
+
+
+def evaluate_reward_pairs(model, pairs: list, pad_id: int, batch_size: int, precision: Precision,
+                          chunk_size: int) -> dict:
+    """A reward model on held-out pairs: pairwise accuracy (r(x, y_w) > r(x, y_l)), the mean margin and the mean
+    Bradley-Terry loss -log sigmoid(r_w - r_l) (losses/reward.py without margin or centering)."""
+    model.eval()
+    correct, margin, loss = 0.0, 0.0, 0.0
+    for _, batch, scores in batched_logprobs(model, pairs, lambda chunk: collate_pairs(chunk, pad_id), batch_size,
+                                             chunk_size, precision.autocast, per_token=sequence_scores):
+        r = per_sequence_sum(scores * last_token_mask(batch), batch)  # (2P,)
+        diff = r[batch["chosen_seq"]] - r[batch["rejected_seq"]]  # (P,)
+        correct += float((diff > 0).sum())
+        margin += float(diff.sum())
+        loss -= float(torch.nn.functional.logsigmoid(diff).sum())
+    model.train()
+    n = max(len(pairs), 1)
+    return {"eval_reward_accuracy": correct / n, "eval_margin": margin / n, "eval_loss": loss / n}
 
 
 @torch.no_grad()
@@ -117,18 +137,22 @@ class Evaluator:
 
 def make_evaluator(args, examples: list, rows, tok, rewards, eos: list[int], precision: Precision,
                    ranks: distributed.Ranks, kind: str) -> Evaluator:
-    """The run's held-out eval: `kind` is 'rollouts' (grpo), 'pairs' (dpo family) or 'examples'."""
+    """The run's held-out eval: `kind` is 'rollouts' (grpo), 'pairs' (dpo family), 'reward' (a reward model on
+    pairs) or 'examples'."""
     if kind == "rollouts":
         def sampled(model) -> dict:  # every rank samples the same held-out completions
             with distributed.gathered_for_generation(model, ranks):
                 return evaluate_rollouts(model, examples, rows, tok, rewards, eos, args)
         return Evaluator(sampled, logs_start=True)
-    fn = evaluate_pairs if kind == "pairs" else evaluate
+    fn = {"pairs": evaluate_pairs, "reward": evaluate_reward_pairs}.get(kind, evaluate)
     return Evaluator(lambda model: fn(model, examples, tok.pad_token_id, args.batch_size, precision, args.chunk_size))
 
 
 def eval_loss(ev: dict) -> float:
-    """Lower is better, for --patience: the held-out preference error, else the NLL, else minus the accuracy."""
+    """Lower is better, for --patience: the held-out preference (or reward-model) error, else the NLL, else minus
+    the accuracy."""
+    if "eval_reward_accuracy" in ev:
+        return 1.0 - ev["eval_reward_accuracy"]
     if "eval_preference_accuracy" in ev:
         return 1.0 - ev["eval_preference_accuracy"]
     if "eval_nll" in ev:
@@ -174,7 +198,7 @@ def greedy_accuracy(model, tok, model_dir: Path, problems: list[tuple[list[dict]
                          DEFAULT_TIMEOUT_S)
 
 
-REPORT_KEYS = ("eval_nll", "eval_preference_accuracy", *ONLINE_REPORT)  # the held-out figures a report shows
+REPORT_KEYS = ("eval_nll", "eval_preference_accuracy", "eval_reward_accuracy", *ONLINE_REPORT)  # the held-out figures a report shows
 
 
 def measure_start(model, tok, model_dir: Path, evaluator: Evaluator | None, problems: list, log, path: Path,
@@ -211,6 +235,7 @@ def write_report(before: dict, after: dict, args, path: Path, problems: list, ra
     if ranks.main:
         path.write_text(json.dumps(report, indent=2) + "\n")
     names = {"eval_nll": "held-out NLL", "eval_preference_accuracy": "preference accuracy",
+             "eval_reward_accuracy": "reward-model pair accuracy",
              "greedy_accuracy": f"accuracy (greedy, {args.report_problems} problems)",
              "eval_reward": "reward (greedy)", "eval_accuracy": "accuracy (greedy)",
              "eval_accuracy_sampled": f"accuracy (avg@{args.eval_samples}, temperature {args.temperature:g})"}
@@ -225,13 +250,14 @@ def write_report(before: dict, after: dict, args, path: Path, problems: list, ra
 def finish_report(args, out: Path, device: str, ranks: distributed.Ranks) -> dict:
     """A run killed after writing final/ but before summary.json: the report from final/ (its last eval row is in
     metrics.jsonl; greedy accuracy is measured again on the final weights)."""
-    model, model_dir = load_model(out / "final", torch.float32, device)
+    model, model_dir = (load_reward_model if args.loss in ON_SCORES else load_model)(out / "final", torch.float32,
+                                                                                      device)
     tok = load_tokenizer(model_dir)
     rows = read_metrics(out / "metrics.jsonl")
     summary = {k: v for r in rows if r.get("eval") for k, v in r.items()}  # the last eval's figures
     steps = [r["step"] for r in rows if not r.get("eval")]
     summary.update(steps=steps[-1] if steps else 0, stop_reason="finished its report after a kill")
-    problems = [] if args.loss in ONLINE else report_problems(args)
+    problems = [] if args.loss in ONLINE | ON_SCORES else report_problems(args)
     before_file = out / "summary_before.json"
     before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     after = measure_end(model, tok, model_dir, summary, problems, ranks)

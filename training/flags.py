@@ -54,6 +54,13 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--keep-ties", action="store_true",
                    help="dpo/minor_dpo: keep pairs whose score_chosen == score_rejected (default: drop and count)")
 
+    g.add_argument("--margin-scale", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="reward: subtract this times the rows' score_chosen - score_rejected from the reward margin "
+                   "(Llama 2's margin; >= 0; default 0: off)")
+    g.add_argument("--center-rewards-coefficient", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="reward: add this times (r_chosen + r_rejected)^2 per pair, TRL's reward centering "
+                   "(>= 0; default 0: off)")
+
     g = ap.add_argument_group("rollouts and rewards (--loss grpo, and sft_length's samples; see losses/grpo.py, "
                               "losses/sft_length.py, data/rewards.py)")
     g.add_argument("--num-generations", type=Range(int, low=2), default=8, help="completions sampled per prompt, G (>= 2; "
@@ -79,9 +86,10 @@ def build_parser(description: str | None = None) -> Parser:
                    help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
     g.add_argument("--skip-zero-variance", action="store_true",
                    help="leave groups whose rewards are all equal out of the loss and its denominator")
-    g.add_argument("--reward", action="append", default=None, metavar="NAME[:W] | FILE.py:FN[:W]",
-                   help="a reward and its weight, repeatable: accuracy, format, length, language, or a function "
-                   "from a file (default: accuracy)")
+    g.add_argument("--reward", action="append", default=None,
+                   metavar="NAME[:W] | FILE.py:FN[:W] | model:DIR[:W]",
+                   help="a reward and its weight, repeatable: accuracy, format, length, language, a function "
+                   "from a file, or a reward model's score (model:DIR, logged as reward_model) (default: accuracy)")
     g.add_argument("--format-pattern", default=None, help="format reward: a regex the completion must contain "
                    "(default: a closed \\boxed{})")
     g.add_argument("--length-target", type=NON_NEGATIVE_INT, default=256, help="length reward: tokens allowed before the "
@@ -188,6 +196,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     ap = build_parser(description)
     args = ap.parse_args(argv)
     apply_defaults(args)
+    check_reward_model_flags(ap, args)
     if args.loss in PREFERENCE_LOSSES:
         check_preference_flags(ap, args)
     if args.loss in ONLINE:
@@ -330,8 +339,17 @@ def loss_hparams(args: argparse.Namespace) -> dict:
     flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
              "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
              "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
-             "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef}
+             "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef,
+             "margin_scale": args.margin_scale, "center_rewards_coefficient": args.center_rewards_coefficient}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
+
+
+def check_reward_model_flags(ap, args) -> None:
+    """The reward-model loss's own flags, refused for the other objectives."""
+    for flag, value in (("--margin-scale", args.margin_scale),
+                        ("--center-rewards-coefficient", args.center_rewards_coefficient)):
+        if value is not None and args.loss != "reward":
+            refuse(ap, flag, "applies only to --loss reward; drop it.")
 
 
 def check_preference_flags(ap, args) -> None:

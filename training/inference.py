@@ -27,14 +27,16 @@ def to_device(batch: dict, device: str | torch.device) -> dict:
 def batched_logprobs(model: torch.nn.Module, items: Sequence, make_batch: Callable[[Sequence], dict],
                      batch_size: int, chunk_size: int = DEFAULT_CHUNK,
                      autocast: Callable[[], ContextManager] = nullcontext,
+                     per_token: Callable[..., torch.Tensor] = sequence_logprobs,
                      ) -> Iterator[tuple[Sequence, dict, torch.Tensor]]:
     """For each run of `batch_size` items: (the items, their batch on the model's device, the per-token log-probs
     of the batch's targets (B, T) fp32, zero off the loss mask). `make_batch` collates items (collate for Examples,
-    collate_pairs for preference pairs); `autocast` is the precision context of the pass."""
+    collate_pairs for preference pairs); `autocast` is the precision context of the pass; `per_token` is
+    sequence_scores for a reward model (its scores at each sequence's last token)."""
     device = next(model.parameters()).device
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         batch = to_device(make_batch(chunk), device)
         with autocast():
-            logps = sequence_logprobs(model, batch, chunk_size).float()  # (B, T)
+            logps = per_token(model, batch, chunk_size).float()  # (B, T)
         yield chunk, batch, logps

@@ -224,7 +224,9 @@ def show_step(bar, row: dict, args, total_steps: int) -> None:
         return
     nll = f" nll {row['nll']:.4f}" if "nll" in row and args.loss != "sft" else ""
     reward = (f" reward {row['reward']:.3f} len {row['completion_len']:.0f} kl {row.get('kl', 0.0):.4f}"
-              if "reward" in row else "")
+              if "completion_len" in row else "")
+    if "reward_chosen" in row and "accuracy" in row:  # a reward model's pairs
+        reward = f" accuracy {row['accuracy']:.3f} margin {row['margin']:.3f}"
     if "sample_len" in row:  # sft_length on a penalty step
         reward = f" sample_len {row['sample_len']:.1f} penalty {row['length_penalty']:.4f}"
     print(f"step {row['step']}/{total_steps} loss {row['loss']:.4f}{nll}{reward} grad_norm {row['grad_norm']:.3f} "

@@ -10,17 +10,19 @@ Owns: `open_output`, `load_data`, `make_batch_source`, `prepare_model`. Imports 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.datasets import load_rows, reference_answer, row_location, split_holdout, tokenize_rows
-from data.preference import flatten, tokenize_preference_rows
+from data.preference import flatten, score_margin, tokenize_preference_rows
 from data.rewards import REWARD_OPTIONS, build_rewards
-from losses import NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, WITH_SAMPLES
-from model import UserError, recover_interrupted_saves
+from data.tokenizer import load_tokenizer
+from losses import NEEDS_REFERENCE, ON_SCORES, ONLINE, PREFERENCE_LOSSES, WITH_SAMPLES
+from losses.logprobs import sequence_scores
+from model import UserError, load_model, load_reward_model, recover_interrupted_saves
 from training import distributed
 from training.batches import BatchSource, DatasetBatches, LengthSampleBatches, RolloutBatches
 from training.checkpoint import (HISTORY_FILE, abandon_later_checkpoints, check_resume_flags, find_resume_dir,
@@ -126,8 +128,8 @@ def load_data(args, tok) -> RunData:
         data.examples, data.eval_examples = data.examples[:args.max_examples], data.eval_examples[:args.max_examples]
     if not data.examples:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
-    if not online:  # online runs report their held-out eval instead
-        data.problems = report_problems(args)
+    if not online and args.loss not in ON_SCORES:  # online runs report their held-out eval; a reward model writes
+        data.problems = report_problems(args)  # no text
     if online and "accuracy" in args.reward:
         for e in data.examples:
             if reference_answer(data.rows[e.index]) is None:
@@ -150,7 +152,8 @@ def make_batch_source(args, data: RunData, model, tok, rewards, eos: list[int], 
                       precision: Precision, ranks: distributed.Ranks) -> tuple[BatchSource, object]:
     """The source of the run's step batches, with the reference its objective needs, and the held-out evaluator
     (a function of the model, or None without held-out data)."""
-    kind = "rollouts" if args.loss in ONLINE else "pairs" if args.loss in PREFERENCE_LOSSES else "examples"
+    kind = ("rollouts" if args.loss in ONLINE else "reward" if args.loss in ON_SCORES else
+            "pairs" if args.loss in PREFERENCE_LOSSES else "examples")
     evaluator = make_evaluator(args, data.eval_examples, data.eval_rows, tok, rewards, eos, precision, ranks,
                                kind) if data.eval_examples else None
     if kind == "rollouts":
@@ -163,8 +166,42 @@ def make_batch_source(args, data: RunData, model, tok, rewards, eos: list[int], 
         ref_model, ref_table = load_reference(args, ref_examples, tok, device, precision, ranks)
     if args.loss in WITH_SAMPLES:
         return LengthSampleBatches(data.examples, args, tok, device, precision, ranks, model, eos), evaluator
+    if kind == "reward":  # pairs scored by a reward model; the rows' ratings give the optional margin
+        margins = pair_margins(args, data) if args.margin_scale else None
+        return DatasetBatches(data.examples, args, tok, device, precision, ranks, preference=True,
+                              per_token=sequence_scores, margins=margins), evaluator
     return DatasetBatches(data.examples, args, tok, device, precision, ranks, preference=kind == "pairs",
                           ref_model=ref_model, ref_table=ref_table), evaluator
+
+
+def pair_margins(args, data: RunData) -> dict[int, float]:
+    """--margin-scale: each training pair's score_chosen - score_rejected, by row index (a row without scores is an
+    error naming it)."""
+    rows = load_rows(args.data, args.data_split)
+    margins = {}
+    for pair in data.examples:
+        margin = score_margin(rows[pair.index])
+        if margin is None:
+            raise UserError(f"{row_location(rows, pair.index)}: --margin-scale needs the rows' score_chosen and "
+                            "score_rejected (top level or under metadata); this row has none.")
+        margins[pair.index] = margin
+    return margins
+
+
+def load_trained_model(args, resume_dir: Path | None, device: str, ranks: distributed.Ranks):
+    """The model to train, fp32 master weights: a causal LM, or for --loss reward a reward model (from a causal LM
+    checkpoint its score head is initialised as the reference initialises it: normal(0, initializer_range), seeded
+    by --seed). Under --fsdp read into CPU memory: fully_shard moves each rank's shard to its device."""
+    source, where = (str(resume_dir), "cpu" if ranks.fsdp else device) if resume_dir else (
+        args.model, "cpu" if ranks.fsdp else device)
+    if args.loss in ON_SCORES:
+        model, model_dir = load_reward_model(source, torch.float32, where, init_head=True, seed=args.seed)
+        if model.config.pad_token_id is None:  # the reference pools batched scores at the last non-pad token
+            config = replace(model.config, pad_token_id=load_tokenizer(model_dir).pad_token_id)
+            model.config = model.model.config = config
+    else:
+        model, model_dir = load_model(source, torch.float32, where)
+    return model, model_dir
 
 
 def prepare_model(model, args, device: str, ranks: distributed.Ranks) -> None:
