@@ -30,14 +30,14 @@ def use_float64() -> None:
     import torch
     import torch.distributed.fsdp as fsdp
 
-    import train
     import training.reference as reference
+    import training.setup as setup
     from model import load_model
 
     as_float = torch.Tensor.float
     torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else as_float(self, *a, **k)
-    train.load_model = lambda spec, dtype, device: load_model(spec, torch.float64, device)
-    reference.load_model = train.load_model
+    setup.load_model = lambda spec, dtype, device: load_model(spec, torch.float64, device)
+    reference.load_model = setup.load_model
     policy = fsdp.MixedPrecisionPolicy
     fsdp.MixedPrecisionPolicy = lambda **kw: policy(**{**kw, "reduce_dtype": None})
 

@@ -38,10 +38,15 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or dataset was loaded before the command line was refused")
 
-    for module in (train, evaluation, sample):
-        for name in ("load_model", "load_rows"):
+    import training.setup  # where train.py's model and data are loaded since the loop's redesign
+
+    patched = 0
+    for module in (train, training.setup, evaluation, sample):
+        for name in ("load_model", "load_reward_model", "load_rows"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, forbidden)
+                patched += 1
+    assert patched >= 5  # the guard covers each script's loaders (it must not pass by patching nothing)
 
 
 def refusal(main, argv: list[str], capsys: pytest.CaptureFixture) -> str:

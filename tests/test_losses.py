@@ -67,7 +67,7 @@ def assert_metrics_close(actual: dict, expected: dict) -> None:
 # ---------------------------------------------------------------- registry and helpers
 
 def test_registry() -> None:
-    assert set(LOSSES) == {"sft", "dft", "minor_sft", "sft_dpo", "dpo", "minor_dpo", "grpo", "sft_length"}
+    assert set(LOSSES) == {"sft", "dft", "minor_sft", "sft_dpo", "dpo", "minor_dpo", "grpo", "sft_length", "reward"}
     assert NEEDS_REFERENCE == {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
     flags = {"sft_norm": "sequence_mean", "beta": 0.1, "length_normalized_ratio": True, "lr": 1e-5}
     assert hparams_for("sft", flags) == {"sft_norm": "sequence_mean"}

@@ -55,7 +55,9 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the command line was refused")
 
-    monkeypatch.setattr(train, "load_model", forbidden)
+    import training.setup
+
+    monkeypatch.setattr(training.setup, "load_model", forbidden)  # train.py loads its model through training.setup
 
 
 # ---------------------------------------------------------------- names, and metrics.jsonl left as it was
