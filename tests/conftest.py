@@ -36,18 +36,20 @@ TINY_QWEN2 = dict(
 )
 
 
-def write_tiny_qwen2(directory: str | Path, tied: bool = False, seed: int = 0, **overrides: Any) -> Path:
-    """Write a random Qwen2 with the reference implementation's `save_pretrained`; returns the directory.
+def write_tiny_qwen2(directory: str | Path, tied: bool = False, seed: int = 0, reward: bool = False,
+                     **overrides: Any) -> Path:
+    """Write a random Qwen2 with the reference implementation's `save_pretrained`; returns the directory. A causal LM,
+    or with `reward` a Qwen2ForSequenceClassification (pass num_labels and pad_token_id as overrides).
 
     `overrides` are Qwen2Config fields (e.g. vocab_size=151936, num_hidden_layers=1, eos_token_id=3).
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     fields = {**TINY_QWEN2, "tie_word_embeddings": tied, **overrides}
     rope_theta = fields.pop("rope_theta")
     fields.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**fields))
+    model = (Qwen2ForSequenceClassification if reward else Qwen2ForCausalLM)(Qwen2Config(**fields))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

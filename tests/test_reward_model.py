@@ -19,9 +19,10 @@ from data.collate import collate
 from data.datasets import Example
 from losses.common import per_sequence_sum
 from losses.logprobs import sequence_scores
-from model import (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification, UserError, load_model,
+from model import (Qwen2Config, Qwen2ForSequenceClassification, UserError, load_model,
                    load_reward_model, save_model)
 from tests.conftest import TINY_QWEN2, write_tiny_qwen2
+from tests.test_model import padded_batch, random_ids  # pad id 0 (PAD below), ids >= 3
 
 TOL = 1e-5
 VOCAB = TINY_QWEN2["vocab_size"]
@@ -31,23 +32,9 @@ PAD = 0
 def write_tiny_reward_model(directory: Path, num_labels: int = 1, pad_token_id: int | None = PAD, seed: int = 0,
                             tied: bool = False) -> Path:
     """A random reference Qwen2ForSequenceClassification written with `save_pretrained` (norms and biases pushed
-    off their init, as write_tiny_qwen2 does, so a forgotten one cannot match)."""
-    from transformers import Qwen2Config as HFConfig
-    from transformers import Qwen2ForSequenceClassification as HFReward
-
-    fields = {**TINY_QWEN2, "tie_word_embeddings": tied}
-    rope_theta = fields.pop("rope_theta")
-    fields["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
-    torch.manual_seed(seed)
-    model = HFReward(HFConfig(**fields, num_labels=num_labels, pad_token_id=pad_token_id))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(directory)
-    return directory
+    off their init by write_tiny_qwen2, so a forgotten one cannot match)."""
+    return write_tiny_qwen2(directory, tied=tied, seed=seed, reward=True, num_labels=num_labels,
+                            pad_token_id=pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +50,6 @@ def reference(model_dir: Path):
 
 def ours(model_dir: Path, **kwargs) -> Qwen2ForSequenceClassification:
     return load_reward_model(model_dir, dtype="float32", device="cpu", **kwargs)[0]
-
-
-def random_ids(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))  # never the pad id 0
-
-
-def padded_batch(lengths: list[int], side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) padded with PAD on `side`."""
-    T = max(lengths)
-    full = random_ids(len(lengths), T, seed=seed)
-    ids = torch.full((len(lengths), T), PAD)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        cols = slice(0, n) if side == "right" else slice(T - n, T)
-        ids[i, cols] = full[i, :n]
-        mask[i, cols] = 1
-    return ids, mask
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
