@@ -2,6 +2,7 @@
 
     python train.py --loss dft --model Qwen/Qwen2.5-0.5B --data HuggingFaceTB/smoltalk --out runs/dft
     python train.py --loss minor_sft --model runs/sft/final --data train.jsonl --beta 0.04 --out runs/minor
+    python train.py --loss iw_sft --model Qwen/Qwen2.5-7B-Instruct --data curated.jsonl --lr 1e-5 --out runs/iw_sft
     python train.py --loss dpo --model runs/sft/final --data trl-lib/ultrafeedback_binarized --data-split train_prefs
 
 One visible loop for every objective. Each optimizer step:

@@ -24,6 +24,7 @@ from losses.dft import dft_loss
 from losses.dpo import DPO_VARIANTS, dpo_loss
 from losses.minor_dpo import minor_dpo_loss
 from losses.grpo import grpo_loss
+from losses.iw_sft import iw_sft_loss
 from losses.minor_sft import minor_sft_loss
 from losses.reward import reward_loss
 from losses.sft import sft_loss
@@ -34,6 +35,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sft": sft_loss,
     "dft": dft_loss,
     "minor_sft": minor_sft_loss,
+    "iw_sft": iw_sft_loss,
     "sft_dpo": sft_dpo_loss,
     "dpo": dpo_loss,
     "minor_dpo": minor_dpo_loss,
@@ -44,7 +46,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
 
 # Objectives whose batch must carry `ref_logps` from a frozen reference model. (grpo needs one only for beta > 0,
 # and its batches are new completions each step, so its rollouts compute them live: training/rollouts.py.)
-NEEDS_REFERENCE: set[str] = {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
+NEEDS_REFERENCE: set[str] = {"minor_sft", "iw_sft", "sft_dpo", "dpo", "minor_dpo"}
 
 # Objectives trained on preference pairs: each batch holds the chosen and rejected sequences of its pairs, and
 # `batch["chosen_seq"]`, `batch["rejected_seq"]` (P,) say which is which (losses/common.py, data/preference.py).

@@ -67,8 +67,9 @@ def assert_metrics_close(actual: dict, expected: dict) -> None:
 # ---------------------------------------------------------------- registry and helpers
 
 def test_registry() -> None:
-    assert set(LOSSES) == {"sft", "dft", "minor_sft", "sft_dpo", "dpo", "minor_dpo", "grpo", "sft_length", "reward"}
-    assert NEEDS_REFERENCE == {"minor_sft", "sft_dpo", "dpo", "minor_dpo"}
+    assert set(LOSSES) == {"sft", "dft", "minor_sft", "iw_sft", "sft_dpo", "dpo", "minor_dpo", "grpo", "sft_length",
+                           "reward"}
+    assert NEEDS_REFERENCE == {"minor_sft", "iw_sft", "sft_dpo", "dpo", "minor_dpo"}
     flags = {"sft_norm": "sequence_mean", "beta": 0.1, "length_normalized_ratio": True, "lr": 1e-5}
     assert hparams_for("sft", flags) == {"sft_norm": "sequence_mean"}
     assert hparams_for("sft_dpo", flags) == {"beta": 0.1}
@@ -222,6 +223,7 @@ def test_sft_dpo_with_positive_ratio() -> None:
 def all_configs() -> list[tuple[str, dict]]:
     return ([("sft", {"sft_norm": n}) for n in SFT_NORMS] + [("dft", {"sft_norm": n}) for n in SFT_NORMS]
             + [("minor_sft", {}), ("minor_sft", {"length_normalized_ratio": True}), ("sft_dpo", {})]
+            + [("iw_sft", {"iw_level": level, "sft_norm": n}) for level in ("sequence", "token") for n in SFT_NORMS]
             + [("sft_length", {"sft_norm": n}) for n in SFT_NORMS])  # a step without samples (see test_length_penalty)
 
 

@@ -21,6 +21,7 @@ from data.preference import SPANS
 from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
                     hparams_for)
 from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS
+from losses.iw_sft import IW_CLIP_DEFAULTS, IW_LEVELS
 from losses.logprobs import DEFAULT_CHUNK
 from training import distributed
 from training.checkpoint import earlier_checkpoints
@@ -34,10 +35,22 @@ def build_parser(description: str | None = None) -> Parser:
                    help="beta of " + loss_defaults("beta") + "; grpo's KL coefficient may be 0 (no reference model "
                    "is loaded), every other objective's must be > 0")
     g.add_argument("--sft-norm", choices=SFT_NORMS, default=None,
-                   help="sft/dft/sft_length: mean over the step's tokens, or per sequence (mean or sum), then over "
-                   "sequences (default: token; sft_length: sequence_sum, paper 004's Eq. 2)")
+                   help="sft/dft/iw_sft/sft_length: mean over the step's tokens, or per sequence (mean or sum), then "
+                   "over sequences (default: token; sft_length: sequence_sum, paper 004's Eq. 2)")
     g.add_argument("--length-normalized-ratio", action="store_true",
                    help="minor_sft: per-token mean log-ratio instead of the sequence sum")
+    g.add_argument("--iw-level", choices=IW_LEVELS, default=None,
+                   help="iw_sft: one importance weight per sequence, from its per-token mean log-ratio "
+                   "log(pi/pi_ref), or one per token (the per-step variant) (default: sequence)")
+    g.add_argument("--iw-temp", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="iw_sft: multiplies the log-ratio inside the weight exp(temp * log-ratio) (the authors' "
+                   "`temp`; not the sampling --temperature); 0 makes every weight 1, plain SFT (default: 1.0)")
+    g.add_argument("--iw-clip-min", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="iw_sft: importance weights below this are raised to it; below --iw-clip-max (default: "
+                   + ", ".join(f"{low:g} at {level} level" for level, (low, _) in IW_CLIP_DEFAULTS.items()) + ")")
+    g.add_argument("--iw-clip-max", type=POSITIVE_FLOAT, default=None,
+                   help="iw_sft: importance weights above this are lowered to it; above --iw-clip-min (default: "
+                   + ", ".join(f"{high:g} at {level} level" for level, (_, high) in IW_CLIP_DEFAULTS.items()) + ")")
     g.add_argument("--ref-model", default=None,
                    help="reference model for " + ", ".join(sorted(NEEDS_REFERENCE)) + " (default: --model)")
     g.add_argument("--ref-mode", choices=["precompute", "live"], default="precompute",
@@ -197,6 +210,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     args = ap.parse_args(argv)
     apply_defaults(args)
     check_reward_model_flags(ap, args)
+    check_iw_flags(ap, args)
     if args.loss in PREFERENCE_LOSSES:
         check_preference_flags(ap, args)
     if args.loss in ONLINE:
@@ -337,6 +351,8 @@ def apply_defaults(args: argparse.Namespace) -> None:
 def loss_hparams(args: argparse.Namespace) -> dict:
     """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
     flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
+             "iw_level": args.iw_level, "iw_temp": args.iw_temp, "iw_clip_min": args.iw_clip_min,
+             "iw_clip_max": args.iw_clip_max,
              "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
              "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
              "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef,
@@ -350,6 +366,32 @@ def check_reward_model_flags(ap, args) -> None:
                         ("--center-rewards-coefficient", args.center_rewards_coefficient)):
         if value is not None and args.loss != "reward":
             refuse(ap, flag, "applies only to --loss reward; drop it.")
+
+
+def check_iw_flags(ap, args) -> None:
+    """iw_sft's flags: refused for the other objectives; for iw_sft, filled with the level's defaults (so args.json
+    records the weights' exact form) and the clip range checked as a whole."""
+    given = (("--iw-level", args.iw_level), ("--iw-temp", args.iw_temp), ("--iw-clip-min", args.iw_clip_min),
+             ("--iw-clip-max", args.iw_clip_max))
+    if args.loss != "iw_sft":
+        for flag, value in given:
+            if value is not None:
+                refuse(ap, flag, "applies only to --loss iw_sft; drop it.")
+        return
+    args.iw_level = args.iw_level or "sequence"
+    args.iw_temp = 1.0 if args.iw_temp is None else args.iw_temp
+    low, high = IW_CLIP_DEFAULTS[args.iw_level]
+    if args.iw_clip_min is not None and args.iw_clip_max is not None and args.iw_clip_min >= args.iw_clip_max:
+        refuse(ap, "--iw-clip-min", f"{args.iw_clip_min:g} is not below --iw-clip-max {args.iw_clip_max:g}; the "
+               "weights are clipped to [min, max].")
+    if args.iw_clip_max is None and args.iw_clip_min is not None and args.iw_clip_min >= high:
+        refuse(ap, "--iw-clip-min", f"{args.iw_clip_min:g} is not below the {args.iw_level} level's default "
+               f"--iw-clip-max {high:g}; lower it or give a larger --iw-clip-max.")
+    if args.iw_clip_min is None and args.iw_clip_max is not None and args.iw_clip_max <= low:
+        refuse(ap, "--iw-clip-max", f"{args.iw_clip_max:g} is not above the {args.iw_level} level's default "
+               f"--iw-clip-min {low:g}; raise it or give a smaller --iw-clip-min.")
+    args.iw_clip_min = low if args.iw_clip_min is None else args.iw_clip_min
+    args.iw_clip_max = high if args.iw_clip_max is None else args.iw_clip_max
 
 
 def check_preference_flags(ap, args) -> None:

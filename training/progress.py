@@ -229,6 +229,8 @@ def show_step(bar, row: dict, args, total_steps: int) -> None:
         reward = f" accuracy {row['accuracy']:.3f} margin {row['margin']:.3f}"
     if "sample_len" in row:  # sft_length on a penalty step
         reward = f" sample_len {row['sample_len']:.1f} penalty {row['length_penalty']:.4f}"
+    if "iw_weight" in row:  # iw_sft: the mean importance weight and the share clipped
+        reward = f" iw_weight {row['iw_weight']:.3f} clipped {row['iw_clipped']:.3f}"
     print(f"step {row['step']}/{total_steps} loss {row['loss']:.4f}{nll}{reward} grad_norm {row['grad_norm']:.3f} "
           f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
 

@@ -1,4 +1,4 @@
-"""The frozen reference model of minor_sft, sft_dpo, dpo, minor_dpo (and grpo with beta > 0): its per-token
+"""The frozen reference model of minor_sft, iw_sft, sft_dpo, dpo, minor_dpo (and grpo with beta > 0): its per-token
 log-probs, either precomputed once over the training examples and cached on disk (--ref-mode precompute, default)
 or computed live from a reference model kept in memory (--ref-mode live; grpo always, since its completions are new
 every step). Where a step's batches are made (training/batches.py, training/rollouts.py), `ref_logps` is attached.
