@@ -43,7 +43,8 @@ Metrics:
                over prompts (BOOTSTRAP_RESAMPLES resamples of the prompts, with replacement, seeded by --seed);
                the first model against itself is exactly 0.5 [0.5, 0.5]. Also the mean reward and the mean answer
                length in characters (comparable across tokenizers) and in the model's own tokens (the stop token
-               included). --samples-out: one row per prompt and sample.
+               included). When every row carries a reference reply (e.g. lab:test), also the BLEU of the
+               answers (as --metric bleu). --samples-out: one row per prompt and sample.
   bleu         each --model answers every prompt (as winrate) and its answers are scored against the rows'
                reference replies (the last assistant turn, 'completion', 'solution', or the 'chosen' reply) by
                corpus BLEU-1, -2 and -4 on sacrebleu's 0-100 scale, computed as sacrebleu computes it (13a
@@ -85,8 +86,8 @@ from training.reward_scoring import RewardModelScorer
 
 METRICS = ("accuracy", "nll", "token-probs", "deviation", "preference", "responses", "reward", "winrate", "bleu")
 DEFAULT_DATA = "lab:test"
-LAB_LAYOUT_OF_METRIC = {"preference": "preference", "responses": "prompt", "reward": "preference",
-                        "winrate": "prompt"}  # bleu reads lab:test itself: its chats carry the reference replies
+# bleu and winrate read lab:test itself: its chats carry the reference replies (winrate's BLEU column)
+LAB_LAYOUT_OF_METRIC = {"preference": "preference", "responses": "prompt", "reward": "preference"}
 GREEDY_BY_DEFAULT = ("winrate", "bleu")  # --temperature 0 and --k 1 unless given; accuracy samples 4 at 1.0
 BOOTSTRAP_RESAMPLES = 1000
 BLEU_ORDERS = (1, 2, 4)
@@ -683,7 +684,7 @@ def run(args: argparse.Namespace) -> dict:
     references = None  # BLEU's, one per row: required by --metric bleu, used by responses when every row has one
     if args.metric == "bleu":
         references = bleu_references(rows, args)
-    elif args.metric == "responses":
+    elif args.metric in ("responses", "winrate"):
         found = [reference_reply(row, row_location(rows, i, source=args.data)) for i, row in enumerate(rows)]
         references = found if found and all(r is not None for r in found) else None
     # Reward models are checked before any work: the judge is loaded first, several --model reward models on meta.

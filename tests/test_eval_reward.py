@@ -122,7 +122,7 @@ def test_winrate_of_a_model_against_itself_is_one_half(tiny, tmp_path: Path, sam
 def test_winrate_of_two_models_from_the_command_line(tiny, tmp_path: Path):
     """The tiny model against the lab base, judged by the tiny reward model: per-prompt rows in input order whose
     rewards are the scorer's for those answers, outcomes that follow from the rewards, and a table whose win rate,
-    wins and lengths are those of the rows."""
+    wins, lengths and BLEU are those of the rows."""
     out, samples = tmp_path / "w.json", tmp_path / "w_rows.jsonl"
     r = subprocess.run([sys.executable, str(REPO_ROOT / "eval.py"), "--metric", "winrate", "--reward-model",
                         str(tiny["rm"]), "--model", str(tiny["lm"]), "--model", "lab", "--limit", "5",
@@ -131,7 +131,7 @@ def test_winrate_of_two_models_from_the_command_line(tiny, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "win_rate" in r.stdout and "ci95_low" in r.stdout
     payload = json.loads(out.read_text())
-    assert payload["data"] == "lab:test:prompt" and payload["settings"]["reward_model"] == str(tiny["rm"])
+    assert payload["data"] == "lab:test" and payload["settings"]["reward_model"] == str(tiny["rm"])
     first, lab = payload["results"][str(tiny["lm"])], payload["results"]["lab"]
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [(row["row"], row["sample"]) for row in rows] == [(p, 0) for p in range(5)]
@@ -145,6 +145,9 @@ def test_winrate_of_two_models_from_the_command_line(tiny, tmp_path: Path):
         result = payload["results"][name]
         assert result["mean_chars"] == pytest.approx(np.mean([len(a) for a in answers]))
         assert 0 < result["mean_tokens"] <= 24
+        # lab:test's chats carry the reference solutions, so the table has the answers' BLEU too
+        references = [row["messages"][-1]["content"] for row in load_lab("lab:test")[:5]]
+        assert result["bleu4"] == pytest.approx(evaluation.corpus_bleu(answers, references)["bleu4"])
     assert all(row["answers"]["lab"] != row["answers"][str(tiny["lm"])] for row in rows)
     expected = [1.0 if row["rewards"]["lab"] > row["rewards"][str(tiny["lm"])] else 0.0 for row in rows]
     assert [row["outcomes"]["lab"] for row in rows] == expected  # no ties between different answers here
