@@ -4,7 +4,8 @@ Papers: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Lang
 arXiv:2402.03300), Eq. 3-4, the objective; "Leveraging RL to Improve LLM Response Generation" (paper 004 of the
 project), Eq. 6, its leave-one-out form; "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (Yu et
 al., arXiv:2503.14476), clip-higher and the token-level mean; "Understanding R1-Zero-Like Training: A Critical
-Perspective" (Liu et al., arXiv:2503.20783), Dr. GRPO's mean-only advantage and constant normaliser.
+Perspective" (Liu et al., arXiv:2503.20783), Dr. GRPO's mean-only advantage and constant normaliser; "Group
+Sequence Policy Optimization" (Zheng et al., arXiv:2507.18071), GSPO's sequence-level importance ratio.
 
 For each prompt q the loop samples a group of G completions o_1..o_G with the policy as it was before this rollout
 batch's first update (pi_old), scores them with rewards r_1..r_G (data/rewards.py), and calls `group_advantages`:
@@ -13,9 +14,13 @@ batch's first update (pi_old), scores them with rewards r_1..r_G (data/rewards.p
     rloo   A_i = r_i - (1/(G-1)) sum_{j != i} r_j                       paper 004, Eq. 6 (leave-one-out baseline)
     mean   A_i = r_i - mean(r)                                          Dr. GRPO
 
-Then per completion token t of o_i, with ratio = pi_theta(o_it) / pi_old(o_it) and d = log pi_ref - log pi_theta:
+Then per completion token t of o_i, with w_it the importance ratio of `importance_level` and
+d = log pi_ref - log pi_theta:
 
-    l_it = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i) + beta * (exp(d) - d - 1)
+    token     log w_it = log pi_theta(o_it) - log pi_old(o_it)                          Shao et al.: one per token
+    sequence  log w_it = log s_i = (1/|o_i|) sum_u (log pi_theta(o_iu) - log pi_old(o_iu))  GSPO, the same on every t
+
+    l_it = -min(w_it * A_i, clip(w_it, 1 - eps_low, 1 + eps_high) * A_i) + beta * (exp(d) - d - 1)
 
 (the last term is Schulman's k3 estimator of KL(pi_theta || pi_ref), Shao et al. Eq. 4), aggregated by `loss_agg`:
 
@@ -49,6 +54,29 @@ Departures from Shao et al., numbered:
  7. Paper 004's Eq. 6 has no ratio and no clipping (plain REINFORCE with a leave-one-out baseline, KL outside the
     sum): that is `advantage=rloo` with one update per rollout batch (ratio == 1, clipping inactive) and the KL
     folded per token as above.
+
+GSPO (`importance_level="sequence"`). With `loss_agg="sequence"` and beta = 0 the objective is GSPO's Eq. 5,
+(1/N) sum_i -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), and autograd gives the paper's gradient: token
+t of o_i gets -A_i s_i / |o_i| (unclipped side), since d s_i / d log pi_theta(o_it) = s_i / |o_i|. This is TRL's
+GRPOTrainer `_compute_loss` with `importance_sampling_level="sequence"` (the masked mean of the token log-ratios,
+one coef_1 per sequence, expanded to its tokens by the aggregation). Departures from the GSPO paper, numbered:
+ 8. Clip range: eps_low / eps_high default to the paper's 3e-4 / 4e-4 at the sequence level (GSPO v2, Sec. 5.1, as
+    TRL's paper index quotes it; `CLIP_DEFAULTS`), 0.2 / 0.2 at the token level; either can be set.
+ 9. Aggregation is `loss_agg` as at the token level. The paper's is `sequence`; the default `token` gives each
+    completion's term a weight of its length |o_i| (what TRL does with loss types dapo / bnpo at sequence level)
+    and `constant` its length / L.
+10. The gradient flows through every token's log-prob inside s_i (GSPO proper, TRL's implementation), not
+    GSPO-token's sg(s_i) pi_theta(o_it) / sg(pi_theta(o_it)). With one advantage per completion, as here, the two
+    have the same value, the same clipping and the same gradient (as the paper shows), so GSPO-token is not offered.
+11. The k3 KL term stays per token (GSPO trained without one, TRL's paper index notes; beta = 0 is the default).
+    A completion left out by keep, or with no completion token, has s_i = 1 and no term.
+12. clip_low / clip_high / ratio are logged per completion token, so a clipped sequence counts all its tokens (the
+    paper's "fraction of clipped tokens").
+At pi_theta == pi_old (mu = 1, or the first update of a rollout batch) every ratio is exactly 1 and the two levels
+give the same loss and the same gradient. Value: w_it = 1 either way. Gradient: at the token level token t gets
+d(-w_it A_i) / d log pi(o_it) = -A_i; at the sequence level each of o_i's |o_i| terms -s_i A_i gives token t
+-A_i s_i / |o_i|, which add up to -A_i; every aggregation weighs the tokens of one completion alike, so the totals
+agree too. The level matters from the second update on a rollout batch (mu >= 2).
 """
 
 from __future__ import annotations
@@ -60,6 +88,9 @@ from losses.common import LossOutput, make_output, masked, per_sequence_count, p
 
 ADVANTAGES = ("grpo", "rloo", "mean")
 LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+IMPORTANCE_LEVELS = ("token", "sequence")
+# Default (eps_low, eps_high) of each importance level: the GRPO paper's 0.2, GSPO's (departure 8).
+CLIP_DEFAULTS = {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}
 STD_EPS = 1e-4
 
 
@@ -90,10 +121,17 @@ def group_advantages(rewards: Tensor, estimator: str = "grpo") -> tuple[Tensor, 
     return advantages.float(), zero_variance
 
 
-def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, clip_eps_low: float = 0.2,
-              clip_eps_high: float = 0.2, loss_agg: str = "token", agg_constant: float = 1.0) -> LossOutput:
+def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, clip_eps_low: float | None = None,
+              clip_eps_high: float | None = None, loss_agg: str = "token", agg_constant: float = 1.0,
+              importance_level: str = "token") -> LossOutput:
+    """clip_eps_low / clip_eps_high None: the importance level's defaults (CLIP_DEFAULTS)."""
     if loss_agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}; got {loss_agg!r}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_level must be one of {', '.join(IMPORTANCE_LEVELS)}; got {importance_level!r}")
+    default_low, default_high = CLIP_DEFAULTS[importance_level]
+    clip_eps_low = default_low if clip_eps_low is None else clip_eps_low
+    clip_eps_high = default_high if clip_eps_high is None else clip_eps_high
     seq = batch["sequence_ids"].clamp(min=0)  # (B, T) padding -> sequence 0, masked out below
     n_seq = int(batch["num_sequences"])
     keep = batch.get("keep")
@@ -104,7 +142,11 @@ def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, cl
     old = batch.get("old_logps")
     old = logps.detach() if old is None else masked(old, mask).detach()  # (B, T)
 
-    ratio = torch.exp(logps - old)  # (B, T)
+    log_ratio = logps - old  # (B, T) token level: each token its own ratio
+    if importance_level == "sequence":  # GSPO: log s_i, the mean over o_i's tokens, on each of them
+        seq_len = per_sequence_count(mask, batch).clamp(min=1)  # (N,) |o_i|; 1 for one left out (keep 0)
+        log_ratio = (per_sequence_sum(log_ratio * mask, batch) / seq_len)[seq]  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T) w_it
     clipped_ratio = ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)  # (B, T)
     token_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)  # (B, T)
     metrics = token_metrics(logps, mask)

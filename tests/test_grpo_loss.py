@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from losses import LOSSES, hparams_for
-from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS, grpo_loss, group_advantages
+from losses.grpo import ADVANTAGES, CLIP_DEFAULTS, IMPORTANCE_LEVELS, LOSS_AGGREGATIONS, grpo_loss, group_advantages
 from tests.test_losses import GARBAGE, L, assert_close, collate, random_sequences, run, two_sequences
 
 NAN = float("nan")
@@ -243,3 +243,166 @@ def test_garbage_under_mask_never_reaches_the_loss():
 
 def test_estimator_names():
     assert ADVANTAGES == ("grpo", "rloo", "mean") and set(LOSS_AGGREGATIONS) == {"token", "sequence", "constant"}
+
+
+# ---------------------------------------------------------------- GSPO: the sequence-level importance ratio
+
+def test_importance_level_is_a_grpo_hparam_with_gspo_clip_defaults():
+    assert IMPORTANCE_LEVELS == ("token", "sequence")
+    assert hparams_for("grpo", {"importance_level": "sequence", "iw_level": "token"}) == {"importance_level": "sequence"}
+    assert CLIP_DEFAULTS == {"token": (0.2, 0.2), "sequence": (3e-4, 4e-4)}  # GSPO v2, Sec. 5.1
+
+
+def off_policy_batch(lengths, seed, spread=0.3):
+    """Sequences laid out one per row (tests.test_losses.collate), with old log-probs = logps - noise (ratio != 1),
+    advantages of both signs and the reference log-probs of random_sequences."""
+    seqs = random_sequences(lengths, seed=seed)
+    logps, mask, batch, positions = collate(lengths, seqs, [[i] for i in range(len(lengths))], width=10)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch["old_logps"] = torch.where(mask > 0, logps - spread * torch.randn(logps.shape, generator=g), 0.0)
+    batch["advantages"] = torch.randn(len(lengths), generator=g)
+    return logps, mask, batch
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGREGATIONS)
+def test_at_ratio_one_the_sequence_level_equals_the_token_level(agg):
+    """pi_theta == pi_old (old_logps equal to logps, or absent as with mu = 1): every ratio is exactly 1 at both
+    levels, so the value is the same; the gradient too: token t gets -A_i from its own ratio at the token level, and
+    |o_i| times -A_i s_i / |o_i| = -A_i through s_i at the sequence level (losses/grpo.py, the paragraph after the
+    departures). The KL term is the same per-token term at both levels. Off policy the two differ (the test can
+    fail)."""
+    lengths = [(2, 3), (1, 5), (3, 1), (2, 4)]
+    logps, mask, batch = off_policy_batch(lengths, seed=5)
+    hp = dict(beta=0.05, loss_agg=agg, agg_constant=8.0, clip_eps_low=0.2, clip_eps_high=0.28)
+    for old in (torch.where(mask > 0, logps, 0.0), None):
+        on_policy = dict(batch, old_logps=old) if old is not None else {k: v for k, v in batch.items()
+                                                                         if k != "old_logps"}
+        token, grad_token = run(grpo_loss, logps, mask, on_policy, importance_level="token", **hp)
+        sequence, grad_sequence = run(grpo_loss, logps, mask, on_policy, importance_level="sequence", **hp)
+        assert_close(sequence.loss_sum, token.loss_sum)
+        assert sequence.count == token.count
+        assert_close(grad_sequence, grad_token)
+        assert sequence.metrics == token.metrics and token.metrics["ratio"][0] == token.metrics["ratio"][1]
+        assert (grad_token[mask > 0] != 0).any()
+    token, grad_token = run(grpo_loss, logps, mask, batch, importance_level="token", **hp)
+    sequence, grad_sequence = run(grpo_loss, logps, mask, batch, importance_level="sequence", **hp)
+    assert abs(sequence.loss_sum.item() - token.loss_sum.item()) > 1e-3
+    assert (grad_sequence - grad_token).abs().max() > 1e-3
+
+
+def gspo_batch(log_s: float, advantage: float):
+    """two_sequences() (m = 2 and 3 tokens). Sequence 0: token log-ratios log_s + 0.05 and log_s - 0.05, so its own
+    token ratios are ~1.05 and ~0.95 (far outside a 3e-4 clip range) while s_0 = exp(log_s); advantage A_0.
+    Sequence 1: advantage 0 (no policy term)."""
+    logps, mask, batch = two_sequences()
+    del batch["ref_logps"]
+    shift = torch.zeros_like(logps)
+    shift[0, 1], shift[0, 2] = log_s + 0.05, log_s - 0.05
+    batch["old_logps"] = torch.where(mask > 0, logps - shift, 0.0)
+    batch["advantages"] = torch.tensor([advantage, 0.0])
+    return logps, mask, batch
+
+
+@pytest.mark.parametrize("s, advantage, clipped", [
+    (1.0003, 1.0, False),  # inside 1 + 4e-4
+    (1.0005, 1.0, True),  # outside above, A > 0: the min takes the constant (1 + eps_high) A
+    (1.0005, -1.0, False),  # outside above, A < 0: -s A is the smaller term, unclipped
+    (0.9998, -1.0, False),  # inside 1 - 3e-4
+    (0.9996, -1.0, True),  # outside below, A < 0: the constant (1 - eps_low) A
+    (0.9996, 1.0, False),  # outside below, A > 0: unclipped
+])
+def test_the_sequence_clip_boundary_by_hand(s, advantage, clipped):
+    """GSPO's defaults eps_low 3e-4, eps_high 4e-4, token aggregation. Sequence 0's two tokens each carry
+    l = -min(s A, clip(s) A); unclipped, loss_sum = -2 s A and each token's gradient is d(-2 s A)/d logp_t =
+    -2 A s / 2 = -A s; clipped, loss_sum = -2 clip(s) A and the gradient is 0 on both tokens. The token level, on the
+    same log-probs, clips each token by its own ratio (~1.05, ~0.95) instead: a different gradient."""
+    logps, mask, batch = gspo_batch(math.log(s), advantage)
+    out, grad = run(grpo_loss, logps, mask, batch, importance_level="sequence")
+    bound = min(max(s, 1 - 3e-4), 1 + 4e-4)
+    expected_grad = 0.0 if clipped else -advantage * s
+    assert_close(out.loss_sum, -2 * (bound if clipped else s) * advantage, tol=1e-6)
+    assert_close(grad[0], torch.tensor(expected_grad) * mask[0], tol=1e-6)
+    assert (grad[1] == 0).all()
+    side = "clip_high" if advantage > 0 else "clip_low"
+    assert out.metrics[side] == ((2.0 if clipped else 0.0), 5.0)  # a clipped sequence counts its 2 tokens
+    assert_close(out.metrics["ratio"][0], 2 * s + 3, tol=1e-5)
+    _, grad_token = run(grpo_loss, logps, mask, batch, importance_level="token", clip_eps_low=3e-4,
+                        clip_eps_high=4e-4)
+    assert (grad_token[0] - grad[0]).abs().max() > 0.01
+
+
+def trl_sequence_level_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
+                            loss_type, epsilon_low, epsilon_high, beta, max_completion_length):
+    """TRL's GRPOTrainer._compute_loss for importance_sampling_level="sequence", written as TRL writes it (one
+    completion per row, (B, T) completion tensors, one process, no gradient accumulation), for the loss types whose
+    aggregation --loss-agg has: grpo (sequence), bnpo and dapo (token), dr_grpo (constant)."""
+    mask = completion_mask
+    advantages = advantages.unsqueeze(1)
+    log_ratio = per_token_logps - old_per_token_logps
+    log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    log_importance_weights = log_importance_weights.unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    if beta != 0.0:
+        per_token_kl = (torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps)
+                        - 1)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    per_token_loss1 = coef_1 * advantages
+    per_token_loss2 = coef_2 * advantages
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        num_items_in_batch = mask.sum()  # the step's completion tokens (one process, one micro-batch)
+        return (per_token_loss * mask).sum() / num_items_in_batch.clamp(min=1.0)
+    raise ValueError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type, agg", [("grpo", "sequence"), ("bnpo", "token"), ("dapo", "token"),
+                                            ("dr_grpo", "constant")])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_sequence_level_matches_trl_on_random_tensors(loss_type, agg, beta):
+    """The same random completions (lengths 1-7, some sequence ratios inside GSPO's clip range, some outside on
+    either side, advantages of both signs): TRL's formula above against grpo_loss (loss_sum / count), value and
+    gradient per token, with one completion per row and with completions packed two to a row."""
+    g = torch.Generator().manual_seed(11)
+    lengths, width, max_len = [5, 1, 7, 3, 6, 2, 4, 7], 7, 8
+    n = len(lengths)
+    completion_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T)
+    logps = -3 * torch.rand(n, width, generator=g)
+    # sequence log-ratios around GSPO's range [-3e-4, +4e-4], plus token noise of mean 0 in each completion
+    offset = torch.tensor([8e-4, -6e-4, 2e-4, -1e-4, 6e-4, -5e-4, 0.0, 1e-3])[:, None]
+    noise = 0.2 * torch.randn(n, width, generator=g)
+    noise = (noise - (noise * completion_mask).sum(1, keepdim=True) / completion_mask.sum(1, keepdim=True))
+    old = logps - offset - noise
+    ref = logps - 0.3 * torch.randn(n, width, generator=g)
+    advantages = torch.tensor([1.0, -1, 1, -1, -1, 1, 1, -1]) * (0.5 + torch.rand(n, generator=g))
+    s = torch.exp(((logps - old) * completion_mask).sum(1) / completion_mask.sum(1))
+    assert ((s > 1 + 4e-4) & (advantages > 0)).any() and ((s < 1 - 3e-4) & (advantages < 0)).any()
+    assert ((s > 1 - 3e-4) & (s < 1 + 4e-4)).any()
+
+    leaf_trl = logps.clone().requires_grad_(True)
+    expected = trl_sequence_level_loss(leaf_trl, old, ref, advantages, completion_mask, loss_type, 3e-4, 4e-4, beta,
+                                       max_len)
+    expected.backward()
+
+    seqs = [(logps[i, :lengths[i]], ref[i, :lengths[i]]) for i in range(n)]
+    olds = [old[i, :lengths[i]] for i in range(n)]
+    layout_lengths = [(2, length) for length in lengths]  # a 2-token prompt before each completion
+    for rows in ([[i] for i in range(n)], [[0, 1], [2, 3], [4, 5], [6, 7]]):
+        ours_logps, mask, batch, positions = collate(layout_lengths, seqs, rows, width=20)
+        old_laid = torch.zeros_like(ours_logps)
+        for i, pos in positions.items():
+            old_laid.view(-1)[pos] = olds[i]
+        order = [i for row in rows for i in row]
+        batch.update(old_logps=old_laid, advantages=advantages[order])
+        out, grad = run(grpo_loss, ours_logps, mask, batch, importance_level="sequence", loss_agg=agg,
+                        agg_constant=float(max_len), beta=beta)
+        assert_close(out.loss_sum / out.count, expected, tol=1e-6)
+        for i, pos in positions.items():
+            assert_close(grad.view(-1)[pos] / out.count, leaf_trl.grad[i, :lengths[i]], tol=1e-7)

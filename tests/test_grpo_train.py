@@ -289,3 +289,31 @@ def test_offline_vs_online_refuses_dpo_without_pairs(capsys):
         offline_vs_online.main(["--max-pairs-per-problem", "0", "--out", "unused"])
     assert e.value.code == 2
     assert "argument --max-pairs-per-problem: 0 leaves DPO without pairs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- GSPO, overlong shaping, dynamic sampling
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss", "sft", "--importance-level", "sequence"], "argument --importance-level: applies only to --loss grpo"),
+    (["--importance-level", "group"], "argument --importance-level: invalid choice: 'group'"),
+])
+def test_bad_gspo_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_sequence_level_run_uses_gspo_clip_range(tiny_lab_model, tmp_path, digits_reward):
+    """--importance-level sequence with mu = 2: the args record GSPO's clip range, the first update of the rollout
+    batch has ratio 1 (pi_old = pi_theta), the second trains off policy, where 3e-4 / 4e-4 clip whole completions."""
+    out = tmp_path / "run"
+    args = train.parse_args(flags(tiny_lab_model, out, "--max-steps", "2", "--mu", "2", "--batch-size", "2",
+                                  "--lr", "1e-2", "--importance-level", "sequence", "--reward", digits_reward))
+    assert (args.clip_eps_low, args.clip_eps_high) == (3e-4, 4e-4)
+    train.train(args)
+    first, second = rows_of(out)
+    assert first["ratio"] == pytest.approx(1.0) and first["clip_low"] == first["clip_high"] == 0.0
+    assert second["ratio"] != pytest.approx(1.0, abs=1e-6) and second["clip_low"] + second["clip_high"] > 0
+    assert json.loads((out / "args.json").read_text())["importance_level"] == "sequence"

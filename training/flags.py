@@ -20,7 +20,7 @@ from data.lab import is_lab_spec
 from data.preference import SPANS
 from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
                     hparams_for)
-from losses.grpo import ADVANTAGES, LOSS_AGGREGATIONS
+from losses.grpo import ADVANTAGES, CLIP_DEFAULTS, IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
 from losses.iw_sft import IW_CLIP_DEFAULTS, IW_LEVELS
 from losses.logprobs import DEFAULT_CHUNK
 from training import distributed
@@ -91,10 +91,16 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token", help="token: mean over the step's "
                    "completion tokens (DAPO, default); sequence: per-completion mean, then mean (GRPO paper); "
                    "constant: token sum / --max-new-tokens, mean over completions (Dr. GRPO)")
-    g.add_argument("--clip-eps-low", type=Range(float, low=0, high=1, high_open=True), default=0.2, help="ratio clipped below at 1 - eps (0 <= eps < 1; "
-                   "default 0.2)")
-    g.add_argument("--clip-eps-high", type=NON_NEGATIVE_FLOAT, default=0.2, help="ratio clipped above at 1 + eps (>= 0; default "
-                   "0.2; DAPO's clip-higher uses 0.28)")
+    g.add_argument("--importance-level", choices=IMPORTANCE_LEVELS, default=None,
+                   help="grpo: one importance ratio per completion token, or one per completion from its per-token "
+                   "mean log-ratio (GSPO, losses/grpo.py); it matters from --mu 2 on (default: token)")
+    g.add_argument("--clip-eps-low", type=Range(float, low=0, high=1, high_open=True), default=None,
+                   help="ratio clipped below at 1 - eps (0 <= eps < 1; default: "
+                   + ", ".join(f"{low:g} at {level} level" for level, (low, _) in CLIP_DEFAULTS.items()) + ")")
+    g.add_argument("--clip-eps-high", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="ratio clipped above at 1 + eps (>= 0; default: "
+                   + ", ".join(f"{high:g} at {level} level" for level, (_, high) in CLIP_DEFAULTS.items())
+                   + "; DAPO's clip-higher uses 0.28)")
     g.add_argument("--mask-truncated", action="store_true",
                    help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
     g.add_argument("--skip-zero-variance", action="store_true",
@@ -211,6 +217,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     apply_defaults(args)
     check_reward_model_flags(ap, args)
     check_iw_flags(ap, args)
+    check_importance_flags(ap, args)
     if args.loss in PREFERENCE_LOSSES:
         check_preference_flags(ap, args)
     if args.loss in ONLINE:
@@ -355,6 +362,7 @@ def loss_hparams(args: argparse.Namespace) -> dict:
              "iw_clip_max": args.iw_clip_max,
              "dpo_variant": args.dpo_variant, "label_smoothing": args.label_smoothing,
              "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
+             "importance_level": args.importance_level,
              "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef,
              "margin_scale": args.margin_scale, "center_rewards_coefficient": args.center_rewards_coefficient}
     return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
@@ -392,6 +400,18 @@ def check_iw_flags(ap, args) -> None:
                f"--iw-clip-min {low:g}; raise it or give a smaller --iw-clip-min.")
     args.iw_clip_min = low if args.iw_clip_min is None else args.iw_clip_min
     args.iw_clip_max = high if args.iw_clip_max is None else args.iw_clip_max
+
+
+def check_importance_flags(ap, args) -> None:
+    """--importance-level: grpo only, token by default. The clip range is filled from the level's defaults for every
+    objective (args.json records the range a grpo run used; the others ignore it)."""
+    if args.importance_level is not None and args.loss not in ONLINE:
+        refuse(ap, "--importance-level", "applies only to --loss grpo; drop it.")
+    if args.loss in ONLINE and args.importance_level is None:
+        args.importance_level = "token"
+    low, high = CLIP_DEFAULTS[args.importance_level or "token"]
+    args.clip_eps_low = low if args.clip_eps_low is None else args.clip_eps_low
+    args.clip_eps_high = high if args.clip_eps_high is None else args.clip_eps_high
 
 
 def check_preference_flags(ap, args) -> None:
