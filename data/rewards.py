@@ -16,6 +16,14 @@ never silently a 0. Extra settings are keyword-only parameters, filled from the 
     length     -length_coef * max(0, len - length_target)^2 with len in tokens (characters for plain strings):
                the length penalty of "Leveraging RL to Improve LLM Response Generation" (paper 004), Eq. 3,
                per completion.
+    overlong   DAPO's soft overlong punishment ("DAPO: An Open-Source LLM Reinforcement Learning System at Scale", Yu
+               et al., arXiv:2503.14476, Eq. 13), with L_max = max_new_tokens, L_cache = overlong_buffer and len in
+               tokens (characters for plain strings):
+                   0                                   len <= L_max - L_cache
+                   (L_max - L_cache - len) / L_cache   L_max - L_cache < len <= L_max   (from 0 down to -1)
+                   -1                                  len > L_max
+               A rollout is never longer than L_max, so a completion cut off at the limit gets -1, as one that ends
+               exactly there does. (TRL's get_soft_overlong_punishment is the same function.)
     language   the share of the completion's words written in the script of the prompt's last user turn
                (Latin, CJK, Cyrillic, ...; LaTeX commands and digits are not words); None when that prompt has no
                letters to tell. A script share, not a language detector: English and French both count as Latin.
@@ -86,6 +94,20 @@ def length_penalty(completions: Sequence[str], rows: Sequence[Mapping], *, lengt
     return [-length_coef * max(0, n - length_target) ** 2 for n in lengths]
 
 
+def overlong_penalty(completions: Sequence[str], rows: Sequence[Mapping], *, max_new_tokens: int,
+                     overlong_buffer: int) -> list[float | None]:
+    limit, buffer = max_new_tokens, overlong_buffer
+    out: list[float | None] = []
+    for n in (getattr(c, "num_tokens", len(c)) for c in completions):
+        if n <= limit - buffer:
+            out.append(0.0)
+        elif n <= limit:
+            out.append((limit - buffer - n) / buffer)
+        else:
+            out.append(-1.0)
+    return out
+
+
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _WORD = re.compile(r"[^\W\d_]+")
 _SCRIPT_ALIASES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "HANGUL"}
@@ -126,11 +148,14 @@ REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy,
     "format": format_reward,
     "length": length_penalty,
+    "overlong": overlong_penalty,
     "language": language,
 }
 
-# The command-line settings a reward function may take as keyword-only parameters (a user's function too).
-REWARD_OPTIONS = ("answer_timeout", "format_pattern", "length_target", "length_coef")
+# The command-line settings a reward function may take as keyword-only parameters (a user's function too). A
+# keyword-only parameter without a default must be given: a script that does not pass it cannot use that reward.
+REWARD_OPTIONS = ("answer_timeout", "format_pattern", "length_target", "length_coef", "max_new_tokens",
+                  "overlong_buffer")
 
 
 @dataclass
@@ -224,6 +249,11 @@ def build_rewards(specs: Sequence[str], options: Mapping[str, Any],
                             "FILE.py:FUNCTION or model:DIR.")
         params = inspect.signature(fn).parameters if fn is not None else {}
         bound = {k: v for k, v in options.items() if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY}
+        missing = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                   and p.default is inspect.Parameter.empty and bound.get(k) is None]
+        if missing:
+            raise UserError(f"--reward {spec!r}: {name} needs " + ", ".join(f"--{k.replace('_', '-')}" for k in missing)
+                            + ", which this command does not set; set it, or drop that --reward.")
         if name in (r.name for r in rewards):
             raise UserError(f"--reward {spec!r}: {name} is given twice; give it once with its weight.")
         rewards.append(Reward(name, fn, weight, bound))

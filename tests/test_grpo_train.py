@@ -19,7 +19,7 @@ import torch
 import train
 from model import load_model
 from model.generate import generate
-from tests.conftest import DIGITS_REWARD, LAB_IM_END, REPO_ROOT
+from tests.conftest import DIGITS_REWARD, LAB_IM_END, REPO_ROOT, write_tiny_lab_model
 
 IM_END = LAB_IM_END
 
@@ -317,3 +317,39 @@ def test_sequence_level_run_uses_gspo_clip_range(tiny_lab_model, tmp_path, digit
     assert first["ratio"] == pytest.approx(1.0) and first["clip_low"] == first["clip_high"] == 0.0
     assert second["ratio"] != pytest.approx(1.0, abs=1e-6) and second["clip_low"] + second["clip_high"] > 0
     assert json.loads((out / "args.json").read_text())["importance_level"] == "sequence"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--reward", "overlong"], "argument --overlong-buffer: is needed by --reward overlong"),
+    (["--overlong-buffer", "4"], "argument --overlong-buffer: applies only to --loss grpo with --reward overlong"),
+    (["--loss", "sft", "--overlong-buffer", "4"], "argument --overlong-buffer: applies only to --loss grpo"),
+    (["--reward", "overlong", "--overlong-buffer", "12"], "argument --overlong-buffer: 12 is not below --max-new-tokens"),
+    (["--reward", "overlong", "--overlong-buffer", "0"], "argument --overlong-buffer: 0 is out of range"),
+])
+def test_bad_overlong_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+@pytest.fixture(scope="module")
+def tiny_stopper(tmp_path_factory) -> Path:
+    """The tiny lab model that also stops at one token id in eight: its completions end at every length."""
+    return write_tiny_lab_model(tmp_path_factory.mktemp("tiny_stopper"), [LAB_IM_END, *range(100, 768, 8)])
+
+
+def test_overlong_reward_is_logged_and_weighted(tiny_stopper, tmp_path, digits_reward):
+    """--reward digits --reward overlong:0.5 --overlong-buffer 8 with 12 new tokens (penalty from 5 tokens on):
+    reward_overlong is logged, in (-1, 0), below minus the truncated share (a completion cut off at the limit gets
+    -1, some that ended on their own in the buffer get a part of it), and the total reward is digits + 0.5 overlong
+    (means over the same completions)."""
+    out = tmp_path / "run"
+    train.train(train.parse_args(flags(tiny_stopper, out, "--max-steps", "2", "--batch-size", "2",
+                                       "--reward", digits_reward, "--reward", "overlong:0.5",
+                                       "--overlong-buffer", "8")))
+    for row in rows_of(out):
+        assert -1.0 < row["reward_overlong"] < -row["truncated"] < 0.0
+        assert row["reward"] == pytest.approx(row["reward_my_rewards.digits"] + 0.5 * row["reward_overlong"])
+    assert json.loads((out / "args.json").read_text())["overlong_buffer"] == 8

@@ -41,6 +41,47 @@ def test_length_penalty_is_paper_004_eq3():
     assert R.length_penalty(["abcdefghijkl"], [ROW], length_target=10, length_coef=1.0) == [-4.0]  # characters
 
 
+def test_overlong_penalty_is_dapo_eq13_at_its_boundaries():
+    """L_max = 20, L_cache = 4: len <= 16 -> 0; 17 -> (16 - 17) / 4 = -0.25; 18 -> -0.5; 20 = L_max -> -1, the same
+    whether it ended there or was cut off there; 21 (beyond, only possible for a completion not from our rollouts)
+    -> -1. Plain strings count characters."""
+    lengths = (0, 16, 17, 18, 19, 20, 21)
+    completions = [Completion("x", n) for n in lengths] + [Completion("x", 20, truncated=True)]
+    got = R.overlong_penalty(completions, [ROW] * 8, max_new_tokens=20, overlong_buffer=4)
+    assert got == [0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0, -1.0]
+    assert R.overlong_penalty(["x" * 17], [ROW], max_new_tokens=20, overlong_buffer=4) == [-0.25]
+
+
+def test_overlong_penalty_equals_trls_soft_overlong_punishment():
+    """TRL's get_soft_overlong_punishment (trl/rewards/other_rewards.py), restated on token counts, at every length
+    0..L_max + 2 for a few buffers, among them TRL's docstring example (L_max 100, L_cache 20: 90 tokens -> -0.5)."""
+    def trl(completion_length, max_completion_len, soft_punish_cache):
+        if completion_length <= max_completion_len - soft_punish_cache:
+            return 0.0
+        if max_completion_len - soft_punish_cache < completion_length <= max_completion_len:
+            return (max_completion_len - soft_punish_cache - completion_length) / soft_punish_cache
+        return -1.0
+
+    assert R.overlong_penalty([Completion("x", 90)], [ROW], max_new_tokens=100, overlong_buffer=20) == [-0.5]
+    for limit, buffer in ((100, 20), (12, 1), (12, 11), (7, 3)):
+        lengths = range(limit + 3)
+        got = R.overlong_penalty([Completion("x", n) for n in lengths], [ROW] * len(lengths), max_new_tokens=limit,
+                                 overlong_buffer=buffer)
+        assert got == [trl(n, limit, buffer) for n in lengths]
+
+
+def test_a_reward_without_its_required_setting_is_refused():
+    """overlong has no default for its settings: a command that does not pass them (rejection_sample.py passes only
+    --answer-timeout) is told which flag is missing, before any scoring."""
+    with pytest.raises(UserError, match="overlong needs --max-new-tokens, --overlong-buffer, which this command"):
+        build_rewards(["overlong"], {"answer_timeout": 1.0})
+    with pytest.raises(UserError, match="needs --overlong-buffer"):
+        build_rewards(["accuracy", "overlong:0.5"], {"max_new_tokens": 8, "overlong_buffer": None})
+    rewards = build_rewards(["accuracy", "overlong:0.5"], {"max_new_tokens": 8, "overlong_buffer": 2})
+    totals, parts = score(rewards, [Completion("\\boxed{19}", 7), Completion("\\boxed{5}", 3)], [ROW] * 2)
+    assert parts["overlong"] == [-0.5, 0.0] and totals == [0.75, 0.0]
+
+
 def test_language_consistency_share_of_words_in_the_prompts_script():
     """English prompt: 'the answer is 19' is 3/3 Latin words; 'the 答案 is' is 2 of 3; Chinese prompt: '答案是 19'
     is one CJK word out of one; LaTeX commands (\\boxed) are not words; a prompt without letters cannot be scored."""

@@ -107,7 +107,7 @@ def build_parser(description: str | None = None) -> Parser:
                    help="leave groups whose rewards are all equal out of the loss and its denominator")
     g.add_argument("--reward", action="append", default=None,
                    metavar="NAME[:W] | FILE.py:FN[:W] | model:DIR[:W]",
-                   help="a reward and its weight, repeatable: accuracy, format, length, language, a function "
+                   help="a reward and its weight, repeatable: accuracy, format, length, overlong, language, a function "
                    "from a file, or a reward model's score (model:DIR, logged as reward_model) (default: accuracy)")
     g.add_argument("--format-pattern", default=None, help="format reward: a regex the completion must contain "
                    "(default: a closed \\boxed{})")
@@ -116,6 +116,10 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--length-coef", type=NON_NEGATIVE_FLOAT, default=0.001,
                    help="length reward: lambda of -lambda max(0, len - target)^2; sft_length: lambda of its penalty "
                    "lambda E[max(0, len(sample) - len(reply))^2] (>= 0; default 0.001, paper 004)")
+    g.add_argument("--overlong-buffer", type=POSITIVE_INT, default=None,
+                   help="overlong reward (DAPO's soft overlong punishment, data/rewards.py): L_cache, the last tokens "
+                   "before --max-new-tokens over which the reward falls from 0 to -1; needed by --reward overlong and "
+                   "only by it (1 <= N < --max-new-tokens; default: none)")
     g.add_argument("--length-penalty-every", type=POSITIVE_INT, default=None,
                    help="sft_length: draw --num-generations samples per reply, and apply the length penalty, on "
                    "every N-th step only (>= 1; default 1: every step; paper 004 used 100)")
@@ -224,6 +228,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         check_rollout_flags(ap, args)
     elif args.beta == 0:
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
+    check_overlong_flags(ap, args)
     check_length_sample_flags(ap, args)
     if args.fsdp:
         check_fsdp_flags(ap, args)
@@ -430,6 +435,23 @@ def check_rollout_flags(ap, args) -> None:
             re.compile(args.format_pattern)
         except re.error as e:
             refuse(ap, "--format-pattern", f"{args.format_pattern!r} is not a valid regular expression ({e}).")
+
+
+def check_overlong_flags(ap, args) -> None:
+    """--overlong-buffer: given exactly when the overlong reward is (grpo only), and below --max-new-tokens."""
+    overlong = args.loss in ONLINE and any(spec.split(":")[0] == "overlong" for spec in args.reward)
+    if args.overlong_buffer is None:
+        if overlong:
+            refuse(ap, "--overlong-buffer", "is needed by --reward overlong: the number of tokens before "
+                   f"--max-new-tokens {args.max_new_tokens} over which its penalty falls to -1 (DAPO used 4096 of "
+                   "20480).")
+        return
+    if not overlong:
+        refuse(ap, "--overlong-buffer", "applies only to --loss grpo with --reward overlong; add that reward or drop "
+               "it.")
+    if args.overlong_buffer >= args.max_new_tokens:
+        refuse(ap, "--overlong-buffer", f"{args.overlong_buffer} is not below --max-new-tokens "
+               f"{args.max_new_tokens}; the penalty starts that many tokens before the limit.")
 
 
 def check_length_sample_flags(ap, args) -> None:
