@@ -48,7 +48,8 @@ Departures from Shao et al., numbered:
     wrong answer more than one of a long wrong answer; `sequence` restores the paper.
  5. Groups with zero reward variance carry no policy gradient (their advantages are 0) but, by default, still count in
     the denominator and still feel the KL term, as in the paper; the loop can set keep = 0 for them (DAPO's dynamic
-    sampling without the resampling), and counts them either way.
+    sampling without the resampling), or replace them with groups of new prompts (--dynamic-sampling,
+    training/rollouts.py), and counts them either way.
  6. Completions cut off at the length limit are counted; the loop can set keep = 0 for them (DAPO's overlong
     filtering), which removes them from the loss and from its denominator.
  7. Paper 004's Eq. 6 has no ratio and no clipping (plain REINFORCE with a leave-one-out baseline, KL outside the

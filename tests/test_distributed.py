@@ -316,3 +316,37 @@ def test_a_failing_rank_ends_the_job(tiny_lab_model, root, failure):
         assert "rank 1 broke" in text and "ChildFailedError" in text
     else:
         assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_grpo_dynamic_sampling_two_ranks_equal_one_process(root, tiny_lab_model, mode):
+    """--dynamic-sampling under torchrun: every rank samples its share of each round, the round is gathered, and all
+    ranks keep the same groups (prompts with an odd answer; the even ones score 0 whatever is sampled) and draw as
+    many rounds. A step short of its 4 groups after 2 rounds leaves rank 1 fewer or none; under FSDP2 it makes them
+    up with 0-weight micro-batches. The steps, their counts and the weights are one process's with twice the
+    accumulation."""
+    (root / "odd_rewards.py").write_text(
+        "def odd_digits(completions, rows):\n"
+        "    return [sum(ch.isdigit() for ch in c) / max(len(c), 1)\n"
+        "            if int(r['answer']) % 2 else 0.0 for c, r in zip(completions, rows)]\n")
+    extra = ["--max-steps", "3", "--max-new-tokens", "8", "--grad-clip", "0", "--dynamic-sampling",
+             "--max-sampling-rounds", "2"]
+
+    def with_odd_reward(args: list[str]) -> list[str]:
+        args[args.index("--reward") + 1] = f"{root / 'odd_rewards.py'}:odd_digits"
+        return args
+
+    one, out = root / "grpo-one-dynamic", root / f"grpo-{mode}-dynamic"
+    if not one.exists():
+        one_process(with_odd_reward(flags(tiny_lab_model, one, "grpo", root, *extra, "--grad-accum", "2")),
+                    root / "cache-grpo-one-dynamic")
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    ok(torchrun(*with_odd_reward(flags(tiny_lab_model, out, "grpo", root, *extra, "--grad-accum", "1", *fsdp)),
+                cache=root / f"cache-grpo-{mode}-dynamic"))
+    ours, ref = rows_of(out), rows_of(one)
+    counts = ("sampling_rounds", "sampled_groups", "dropped_groups", "unfilled_groups")
+    assert any(r["unfilled_groups"] > 0 for r in ref) and all(r["grad_norm"] > 0 for r in ref)
+    assert_same_steps([{**r, "grad_norm": 0.0} for r in ours], [{**r, "grad_norm": 0.0} for r in ref],
+                      OBJECTIVES["grpo"][2] + counts)
+    assert all(a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) for a, b in zip(ours, ref))
+    assert max_weight_diff(out / "final", one / "final") <= 1e-6

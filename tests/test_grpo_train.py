@@ -255,7 +255,7 @@ def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path, 
 
 def test_offline_vs_online_quick_run(tmp_path: Path):
     """The experiment's whole pipeline on a tiny budget: an SFT model, rejection samples from it, RFT/DFT/DPO on
-    them and GRPO online, each scored on both held-out splits."""
+    them and GRPO online, each scored on the three held-out splits."""
     out = tmp_path / "exp"
     r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments/offline_vs_online.py"), "--quick",
                         "--rs-problems", "24", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
@@ -263,15 +263,16 @@ def test_offline_vs_online_quick_run(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     results, stats = summary["results"], summary["rejection_sampling"]
-    assert list(results) == ["sft", "rft", "dft", "dpo", "grpo"]
+    assert list(results) == ["sft", "rft", "dft", "iw_sft", "dpo", "grpo"]
     assert stats["completions"] == 24 * 2 and stats["sft_rows"] >= 1 and stats["pair_rows"] >= 1
     for scores in results.values():
-        for column in ("test avg@2", "test pass@2", "test greedy", "test-hard avg@2", "test-hard greedy"):
+        for column in ("test avg@2", "test pass@2", "test greedy", "test-hard avg@2", "test-hard greedy",
+                       "test-ood avg@2", "test-ood greedy"):
             assert 0.0 <= scores[column]["mean"] <= 1.0
         assert 1 <= scores["test length"]["mean"] <= 64
     sft_rows = (out / "rs" / "sft.jsonl").read_text().splitlines()
     assert len(sft_rows) == stats["sft_rows"]
-    for method, data in (("rft", "sft.jsonl"), ("dft", "sft.jsonl"), ("dpo", "pairs.jsonl")):
+    for method, data in (("rft", "sft.jsonl"), ("dft", "sft.jsonl"), ("iw_sft", "sft.jsonl"), ("dpo", "pairs.jsonl")):
         args = json.loads((out / f"{method}_seed0" / "final" / "args.json").read_text())
         assert args["data"].endswith(data) and args["model"].endswith("sft/final")
     grpo = [json.loads(line) for line in (out / "grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -353,3 +354,165 @@ def test_overlong_reward_is_logged_and_weighted(tiny_stopper, tmp_path, digits_r
         assert -1.0 < row["reward_overlong"] < -row["truncated"] < 0.0
         assert row["reward"] == pytest.approx(row["reward_my_rewards.digits"] + 0.5 * row["reward_overlong"])
     assert json.loads((out / "args.json").read_text())["overlong_buffer"] == 8
+
+
+ODD_DIGITS_REWARD = ("def odd_digits(completions, rows):\n"
+                     "    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) if int(r['answer']) % 2 else 0.0\n"
+                     "            for c, r in zip(completions, rows)]\n")
+
+
+@pytest.fixture(scope="module")
+def odd_reward(tmp_path_factory) -> str:
+    """The share of digits for prompts with an odd answer, 0 for the others: the even-answer groups have zero
+    variance whatever is sampled (the answers of the lab's rows 0-8: 50, 8, 72, 21, 21, 54, 16, 57, 28)."""
+    path = tmp_path_factory.mktemp("odd") / "odd_rewards.py"
+    path.write_text(ODD_DIGITS_REWARD)
+    return f"{path}:odd_digits"
+
+
+def test_fill_groups_on_a_table_of_rewards_by_hand():
+    """Rounds of 4 groups x 3 completions, target 4. Round 0: groups 0 and 2 differ, 1 is all equal, 3 has a single
+    scored completion (no signal): keep (0,0), (0,2). Round 1: group 0 equal, 1-3 differ: keep (1,1), (1,2), and the
+    target is met, so (1,3) is not kept and round 2 is never drawn. With target 6 and at most 2 rounds: 5 kept, 1
+    short; with at most 1 round, 2 kept."""
+    from losses.grpo import group_advantages
+    from training.rollouts import fill_groups
+
+    nan = float("nan")
+    tables = [torch.tensor([[1.0, 0, 0], [1, 1, 1], [0, 0.5, 0], [1, nan, nan]]),
+              torch.tensor([[0.0, 0, 0], [0, 1, 1], [2, 1, 0], [0, 0, 1]]),
+              torch.tensor([[1.0, 0, 0]] * 4)]
+    drawn: list[int] = []
+
+    def draw(r):
+        drawn.append(r)
+        return group_advantages(tables[r])[1].tolist()
+
+    assert fill_groups(draw, target=4, max_rounds=3) == ([(0, 0), (0, 2), (1, 1), (1, 2)], 2)
+    assert drawn == [0, 1]
+    assert fill_groups(draw, target=6, max_rounds=2) == ([(0, 0), (0, 2), (1, 1), (1, 2), (1, 3)], 2)
+    assert fill_groups(draw, target=6, max_rounds=1) == ([(0, 0), (0, 2)], 1)
+    assert fill_groups(draw, target=2, max_rounds=3) == ([(0, 0), (0, 2)], 1)
+
+
+def test_a_dynamic_step_is_one_batch_of_its_kept_groups(tiny_stopper, tmp_path, odd_reward):
+    """Target 3 groups (1 prompt x 3 micro-batches), rounds of 3 lab prompts: the step's three micro-batches give
+    the loss, count and gradient of one batch holding exactly the groups with a signal, in the order drawn, each
+    with its group's own advantages, written out here from the rounds sampled again with the same seeds. Rows 0-2
+    (answers 50, 8, 72) are all dropped, rows 3-4 (21, 21) kept, 5 (54) and 6 (16) dropped, 7 (57) fills the step
+    in round 3, and 8 is not kept.
+    With at most 2 rounds the step is one group short and trains on the two it has."""
+    from argparse import Namespace
+
+    from data.datasets import load_rows
+    from data.rewards import build_rewards
+    from data.tokenizer import load_tokenizer
+    from losses import grpo_loss
+    from losses.grpo import group_advantages
+    from losses.logprobs import sequence_logprobs
+    from model.generate import stop_ids
+    from training import distributed
+    from training.flags import loss_hparams
+    from training.precision import Precision
+    from training.rollouts import collate_groups, make_dynamic_rollout, prompt_examples, sample_groups, score_groups
+
+    args = train.parse_args(flags(tiny_stopper, tmp_path / "x", "--batch-size", "1", "--grad-accum", "3",
+                                  "--dynamic-sampling", "--reward", odd_reward, "--loss-agg", "sequence"))
+    model, _ = load_model(str(tiny_stopper), torch.float32, "cpu")
+    tok = load_tokenizer(tiny_stopper)
+    eos = stop_ids(tiny_stopper, model, tok.im_end_id)
+    rows = load_rows("lab:train:prompt", "train")[:12]
+    prompts, _ = prompt_examples(rows, tok, args.max_len, max_new_tokens=args.max_new_tokens)
+    rewards = build_rewards(args.reward, {})
+    rounds = [prompts[3 * r:3 * r + 3] for r in range(4)]
+    seeds = [[100 * r + k for k in range(3)] for r in range(4)]
+    precision, hparams = Precision("cpu", "float32"), loss_hparams(args)
+
+    def loss_and_grads(batches):
+        model.zero_grad()
+        parts = [grpo_loss(sequence_logprobs(model, b, args.chunk_size).float(), b["loss_mask"], b, **hparams)
+                 for b in batches]
+        count = sum(p.count for p in parts)
+        loss = sum(p.loss_sum for p in parts) / count
+        loss.backward()
+        return loss.item(), count, [p.grad.clone() for p in model.parameters()]
+
+    def by_hand(n_rounds, target):
+        kept_prompts, kept_completions, kept_advantages = [], [], []
+        for r in range(n_rounds):
+            completions = sample_groups(model, rounds[r], tok, eos, args, "cpu", seeds[r], distributed.SINGLE)
+            totals, _, _ = score_groups(completions, rounds[r], rows, tok, rewards, eos, args)
+            table = torch.tensor(totals).view(3, args.num_generations)
+            advantages, zero_variance = group_advantages(table, args.advantage)
+            for g in range(3):
+                if not zero_variance[g] and len(kept_prompts) < target:
+                    kept_prompts.append(rounds[r][g])
+                    kept_completions += completions[g * args.num_generations:(g + 1) * args.num_generations]
+                    kept_advantages.append(advantages[g])
+        one_batch = Namespace(**{**vars(args), "batch_size": len(kept_prompts)})
+        advantages = torch.stack(kept_advantages)
+        return [r.index for r in kept_prompts], collate_groups(
+            model, None, kept_prompts, kept_completions, advantages, torch.ones_like(advantages), tok, one_batch,
+            "cpu", precision, distributed.SINGLE)
+
+    for max_rounds, expected_rows, counts in ((4, [3, 4, 7], (3, 9, 6, 0)), (2, [3, 4], (2, 6, 4, 1))):
+        args.max_sampling_rounds = max_rounds
+        batches, metrics = make_dynamic_rollout(model, None, lambda r: (rounds[r], seeds[r]), rows, tok, rewards,
+                                                eos, args, "cpu", precision)
+        kept_rows, single = by_hand(counts[0], target=3)
+        assert kept_rows == expected_rows and len(single) == 1 and len(batches) == len(expected_rows)
+        assert [b["input_ids"].shape[0] for b in batches] == [args.num_generations] * len(expected_rows)
+        assert (metrics["sampling_rounds"], metrics["sampled_groups"], metrics["dropped_groups"],
+                metrics["unfilled_groups"]) == counts
+        assert metrics["zero_variance_groups"] == pytest.approx((counts[1] - len(expected_rows)) / counts[1])
+        loss, count, grads = loss_and_grads(batches)
+        loss_single, count_single, grads_single = loss_and_grads(single)
+        assert count == count_single == len(expected_rows) * args.num_generations  # --loss-agg sequence: completions
+        assert loss == pytest.approx(loss_single, rel=1e-6, abs=1e-7) and loss != 0
+        for a, b in zip(grads, grads_single):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dynamic_sampling_run_logs_its_counts_and_is_exact_under_accumulation(tiny_stopper, tmp_path, odd_reward):
+    """A lab run with --dynamic-sampling, 4 groups a step in rounds of 4 prompts, at most 2 rounds: each step logs
+    its rounds, the groups it sampled (4 a round), dropped (sampled, not trained) and unfilled (short of 4); some
+    groups are dropped. One micro-batch of 4 prompts and two of 2 make the same steps. With a reward that no
+    completion of 3 tokens can earn, every group is dropped: 2 rounds, 4 unfilled, and the step trains nothing."""
+    common = ["--max-steps", "2", "--dynamic-sampling", "--max-sampling-rounds", "2", "--reward", odd_reward,
+              "--lr", "1e-2"]
+    train.train(train.parse_args(flags(tiny_stopper, tmp_path / "one", *common, "--batch-size", "4")))
+    train.train(train.parse_args(flags(tiny_stopper, tmp_path / "two", *common, "--batch-size", "2",
+                                       "--grad-accum", "2")))
+    one, two = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    for row in one:
+        assert 1 <= row["sampling_rounds"] <= 2 and row["sampled_groups"] == 4 * row["sampling_rounds"]
+        assert row["dropped_groups"] + 4 - row["unfilled_groups"] == row["sampled_groups"]
+        assert row["zero_variance_groups"] * row["sampled_groups"] <= row["dropped_groups"]
+    assert sum(row["dropped_groups"] for row in one) > 0 and all(row["grad_norm"] > 0 for row in one)
+    for a, b in zip(one, two):
+        for key in ("loss", "grad_norm", "reward", "trained_tokens", "sampling_rounds", "sampled_groups",
+                    "dropped_groups", "unfilled_groups"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+    out = tmp_path / "nothing"
+    train.train(train.parse_args(flags(tiny_stopper, out, "--max-steps", "1", "--batch-size", "4", "--reward",
+                                       "format", "--max-new-tokens", "3", "--dynamic-sampling",
+                                       "--max-sampling-rounds", "2")))
+    row = rows_of(out)[0]
+    counts = (row["sampling_rounds"], row["sampled_groups"], row["dropped_groups"], row["unfilled_groups"])
+    assert counts == (2, 8, 8, 4)
+    assert row["loss"] == 0.0 and row["grad_norm"] == 0.0 and row["trained_tokens"] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss", "sft", "--dynamic-sampling"], "argument --dynamic-sampling: applies only to --loss grpo"),
+    (["--dynamic-sampling", "--skip-zero-variance"], "argument --skip-zero-variance: has nothing left to skip"),
+    (["--max-sampling-rounds", "2"], "argument --max-sampling-rounds: applies only with --dynamic-sampling"),
+    (["--dynamic-sampling", "--max-sampling-rounds", "0"], "argument --max-sampling-rounds: 0 is out of range"),
+])
+def test_bad_dynamic_sampling_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
+    assert exit_info.value.code == 2
+    text = capsys.readouterr().err.strip()
+    assert text.startswith("error: ") and message in text and "\n" not in text

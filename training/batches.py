@@ -6,7 +6,8 @@
                          resumable order of data/collate.BatchSampler, with the reference's log-probs attached
     LengthSampleBatches  the same, and on penalty steps each reply's k samples from the policy (sft_length)
     RolloutBatches       GRPO: each step's prompts completed by the policy (training/rollouts.py), one rollout
-                         batch reused for --mu steps
+                         batch reused for --mu steps; with --dynamic-sampling, more rounds of prompts until the
+                         step's groups all have a learning signal
 
 The data position (epoch, cursor) and the rollout kept for reuse live in the TrainState (training/checkpoint.py),
 so a resume continues where the run stopped. Under torchrun every rank builds the same global list of the step's
@@ -34,7 +35,7 @@ from training import distributed
 from training.checkpoint import TrainState
 from training.inference import to_device
 from training.precision import Precision
-from training.rollouts import idle_rollout_batch, make_rollout
+from training.rollouts import idle_rollout_batch, make_dynamic_rollout, make_rollout
 
 
 @dataclass
@@ -207,7 +208,10 @@ def length_sample_batches(model, micro: list[list[Example]], tok, eos: list[int]
 
 class RolloutBatches(BatchSource):
     """GRPO: the step's prompts (this rank's share) completed, scored and collated by make_rollout; with --mu > 1
-    the rollout batch is kept in the TrainState and trained on for mu steps (old log-probs from before the first)."""
+    the rollout batch is kept in the TrainState and trained on for mu steps (old log-probs from before the first).
+    With --dynamic-sampling each round of make_dynamic_rollout takes the next step's worth of prompts from the
+    sampler (so a step may use several, and an epoch has fewer steps than `steps_per_epoch` says), round r's items
+    seeded after round r - 1's: round 0 draws what a step without dynamic sampling draws."""
 
     def __init__(self, prompts: list[Example], args, tok, device: str, precision: Precision,
                  ranks: distributed.Ranks, model, ref_model, rows, rewards, eos: list[int]):
@@ -220,7 +224,18 @@ class RolloutBatches(BatchSource):
 
     def make_step(self, state: TrainState) -> StepBatches:
         metrics: dict = {}
-        if state.rollout is None:  # a new rollout batch; else update 2..mu on the kept one
+        if state.rollout is None and self.args.dynamic_sampling:
+            step_prompts = self.args.batch_size * self.args.grad_accum * self.ranks.world
+
+            def next_round(r: int) -> tuple[list[Example], list[int]]:
+                ids = self.next_step_ids(state)
+                return ([self.examples[i] for i in ids],
+                        step_seeds(self.args.seed, state.step, r * step_prompts, len(ids)))
+
+            state.rollout, metrics = make_dynamic_rollout(
+                self.model, self.ref_model, next_round, self.rows, self.tok, self.rewards, self.eos, self.args,
+                self.device, self.precision, self.ranks)
+        elif state.rollout is None:  # a new rollout batch; else update 2..mu on the kept one
             step_ids = self.next_step_ids(state)
             per_rank = self.args.batch_size * self.args.grad_accum
             seeds = step_seeds(self.args.seed, state.step, 0, len(step_ids))

@@ -45,7 +45,7 @@ RUN_DEFINING = ("loss", "beta", "sft_norm", "length_normalized_ratio", "ref_mode
                 "skip_zero_variance", "reward", "format_pattern", "length_target", "length_coef",
                 "length_penalty_every", "model", "data", "data_split", "eval_fraction", "max_len", "max_examples",
                 "pack", "seed", "margin_scale", "center_rewards_coefficient", "iw_level", "iw_temp", "iw_clip_min",
-                "iw_clip_max", "importance_level", "overlong_buffer")
+                "iw_clip_max", "importance_level", "overlong_buffer", "dynamic_sampling", "max_sampling_rounds")
 
 
 @dataclass

@@ -105,6 +105,14 @@ def build_parser(description: str | None = None) -> Parser:
                    help="leave completions cut off at --max-new-tokens out of the loss and its denominator")
     g.add_argument("--skip-zero-variance", action="store_true",
                    help="leave groups whose rewards are all equal out of the loss and its denominator")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="grpo: DAPO's dynamic sampling: draw further rounds of --batch-size x --grad-accum prompts "
+                   "until the step has that many groups whose rewards are not all equal, and train on those only "
+                   "(training/rollouts.py); each round uses up a step's worth of the data, which --epochs does not "
+                   "count")
+    g.add_argument("--max-sampling-rounds", type=POSITIVE_INT, default=None,
+                   help="--dynamic-sampling: at most this many rounds a step; a step still short after them trains "
+                   "on the groups it has (>= 1; default 3)")
     g.add_argument("--reward", action="append", default=None,
                    metavar="NAME[:W] | FILE.py:FN[:W] | model:DIR[:W]",
                    help="a reward and its weight, repeatable: accuracy, format, length, overlong, language, a function "
@@ -229,6 +237,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     elif args.beta == 0:
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
     check_overlong_flags(ap, args)
+    check_dynamic_sampling_flags(ap, args)
     check_length_sample_flags(ap, args)
     if args.fsdp:
         check_fsdp_flags(ap, args)
@@ -452,6 +461,19 @@ def check_overlong_flags(ap, args) -> None:
     if args.overlong_buffer >= args.max_new_tokens:
         refuse(ap, "--overlong-buffer", f"{args.overlong_buffer} is not below --max-new-tokens "
                f"{args.max_new_tokens}; the penalty starts that many tokens before the limit.")
+
+
+def check_dynamic_sampling_flags(ap, args) -> None:
+    """--dynamic-sampling: grpo only, not with --skip-zero-variance; --max-sampling-rounds only with it (default 3)."""
+    if args.dynamic_sampling and args.loss not in ONLINE:
+        refuse(ap, "--dynamic-sampling", "applies only to --loss grpo; drop it.")
+    if args.dynamic_sampling and args.skip_zero_variance:
+        refuse(ap, "--skip-zero-variance", "has nothing left to skip with --dynamic-sampling, which trains only on "
+               "groups whose rewards differ; drop one of them.")
+    if args.max_sampling_rounds is not None and not args.dynamic_sampling:
+        refuse(ap, "--max-sampling-rounds", "applies only with --dynamic-sampling; add it or drop this flag.")
+    if args.dynamic_sampling and args.max_sampling_rounds is None:
+        args.max_sampling_rounds = 3
 
 
 def check_length_sample_flags(ap, args) -> None:

@@ -4,8 +4,18 @@ dataset's replies. Everything after (forward, loss, backward, clip, step in trai
     prompts -> sample_groups (G completions each) -> score_groups (rewards, truncation) -> group_advantages and
     keep flags -> collate_groups (micro-batches with old / reference log-probs) -> rollout_metrics (over ranks)
 
-Owns: `prompt_examples`, `make_rollout` and its parts, `idle_rollout_batch`. Imports data, losses, model and
-training.inference / training.distributed.
+With --dynamic-sampling (DAPO, Yu et al., arXiv:2503.14476, Sec. 3.2) `make_dynamic_rollout` runs the first three
+for rounds of new prompts, gathering each round from every rank, keeps the groups whose rewards are not all equal
+(`fill_groups`) until the step has --batch-size x --grad-accum of them per rank or --max-sampling-rounds rounds are
+drawn, and collates this rank's share of them. Its departures from DAPO, numbered:
+ 1. A round is a step's worth of prompts (--batch-size x --grad-accum per rank), not a separate generation batch
+    size; DAPO's verl recipe draws 3x the training batch a round.
+ 2. When the rounds run out the step trains on the groups it has (logged as unfilled_groups); verl raises an error.
+ 3. Groups kept beyond the target in the last round are dropped, as verl cuts its batch to size; they, and the
+    zero-variance groups, are counted in dropped_groups.
+
+Owns: `prompt_examples`, `make_rollout` and its parts, `fill_groups`, `make_dynamic_rollout`,
+`idle_rollout_batch`. Imports data, losses, model and training.inference / training.distributed.
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -149,6 +160,95 @@ def make_rollout(model, ref_model, prompts: list[Example], rows, tok, rewards, e
     t3 = time.perf_counter()
     times = {"time_generate": t1 - t0, "time_score": t2 - t1, "time_logprobs": t3 - t2}
     return batches, rollout_metrics(totals, parts, completions, truncated, table, zero_variance, times, ranks)
+
+
+def fill_groups(draw_round: Callable[[int], Sequence[bool]], target: int, max_rounds: int
+                ) -> tuple[list[tuple[int, int]], int]:
+    """Dynamic sampling's filter: draw rounds, `draw_round(r)` giving each of round r's groups' zero-variance flag in
+    order, until `target` groups with a learning signal (flag False) are kept or `max_rounds` rounds are drawn.
+    Returns the kept groups as (round, group in that round), in the order drawn, and the number of rounds drawn.
+    Groups past the target in the last round are not kept."""
+    kept: list[tuple[int, int]] = []
+    rounds = 0
+    while len(kept) < target and rounds < max_rounds:
+        signal = [(rounds, g) for g, zero_variance in enumerate(draw_round(rounds)) if not zero_variance]
+        kept += signal[:target - len(kept)]
+        rounds += 1
+    return kept, rounds
+
+
+@dataclass
+class SampledRound:
+    """One round of dynamic sampling over every rank's prompts, in the round's global order (rank 0's share first)."""
+
+    prompts: list[Example]  # P
+    completions: list[list[int]]  # P x G, prompt 0's first
+    totals: list[float | None]  # P x G
+    parts: dict[str, list]  # each reward's P x G values
+    truncated: list[bool]  # P x G
+    table: torch.Tensor  # (P, G) rewards, NaN for None
+    advantages: torch.Tensor  # (P, G)
+    keep: torch.Tensor  # (P, G)
+    zero_variance: torch.Tensor  # (P,) bool
+
+
+@torch.no_grad()
+def make_dynamic_rollout(model, ref_model, next_round: Callable[[int], tuple[list[Example], list[int]]], rows, tok,
+                         rewards, eos: list[int], args, device: str, precision: Precision,
+                         ranks: distributed.Ranks = distributed.SINGLE) -> tuple[list[dict], dict]:
+    """--dynamic-sampling: `next_round(r)` gives round r's prompts over all ranks and their seeds (and moves the data
+    position past them); each rank samples and scores its share, the round is gathered on every rank (so every rank
+    keeps the same groups and draws as many rounds, which --fsdp's sampling needs), and `fill_groups` keeps groups
+    until the step has --batch-size x --grad-accum per rank. This rank trains its share of the kept groups, in order,
+    collated as make_rollout collates them (a short step leaves the last ranks fewer or none: --fsdp pads them with
+    idle micro-batches, training/batches.py). Advantages are each group's own, so a kept group trains as it would in
+    a batch of kept groups alone, and the loss's denominators count only kept groups. The log row describes every
+    sampled group (reward, zero_variance_groups, lengths) and adds sampling_rounds, sampled_groups, dropped_groups
+    (sampled, not trained) and unfilled_groups (the step's target minus the groups it kept)."""
+    G, per_rank = args.num_generations, args.batch_size * args.grad_accum
+    drawn: list[SampledRound] = []
+    times = {"time_generate": 0.0, "time_score": 0.0}
+
+    def draw(r: int) -> list[bool]:
+        prompts, seeds = next_round(r)
+        mine = distributed.my_share(prompts, ranks, per_rank)
+        t0 = time.perf_counter()
+        completions = sample_groups(model, mine, tok, eos, args, device, distributed.my_share(seeds, ranks, per_rank),
+                                    ranks)
+        t1 = time.perf_counter()
+        totals, parts, truncated = score_groups(completions, mine, rows, tok, rewards, eos, args)
+        times["time_generate"] += t1 - t0
+        times["time_score"] += time.perf_counter() - t1
+        if ranks.active:
+            shares = distributed.all_gather((completions, totals, parts, truncated), ranks)
+            completions, totals, truncated = ([x for share in shares for x in share[i]] for i in (0, 1, 3))
+            parts = {name: [x for share in shares for x in share[2][name]] for name in shares[0][2]}
+        table, advantages, keep, zero_variance = advantages_and_keep(totals, truncated, len(prompts), args)
+        drawn.append(SampledRound(prompts, completions, totals, parts, truncated, table, advantages, keep,
+                                  zero_variance))
+        return zero_variance.tolist()
+
+    target = per_rank * ranks.world
+    kept, rounds = fill_groups(draw, target, args.max_sampling_rounds)
+    t2 = time.perf_counter()
+    mine = distributed.my_share(kept, ranks, per_rank)
+    prompts = [drawn[r].prompts[g] for r, g in mine]
+    completions = [c for r, g in mine for c in drawn[r].completions[g * G:(g + 1) * G]]
+    advantages = torch.stack([drawn[r].advantages[g] for r, g in mine]) if mine else torch.zeros(0, G)  # (P, G)
+    keep = torch.stack([drawn[r].keep[g] for r, g in mine]) if mine else torch.zeros(0, G)  # (P, G)
+    batches = collate_groups(model, ref_model, prompts, completions, advantages, keep, tok, args, device, precision,
+                             ranks)
+    times["time_logprobs"] = time.perf_counter() - t2
+
+    every = {name: [x for d in drawn for x in getattr(d, name)] for name in ("totals", "completions", "truncated")}
+    parts = {name: [x for d in drawn for x in d.parts[name]] for name in drawn[0].parts}
+    metrics = rollout_metrics(every["totals"], parts, every["completions"], every["truncated"],
+                              torch.cat([d.table for d in drawn]), torch.cat([d.zero_variance for d in drawn]), times,
+                              distributed.SINGLE)  # already every rank's
+    sampled = sum(len(d.prompts) for d in drawn)
+    metrics.update(sampling_rounds=rounds, sampled_groups=sampled, dropped_groups=sampled - len(kept),
+                   unfilled_groups=target - len(kept))
+    return batches, metrics
 
 
 def idle_rollout_batch(example: Example, pad_id: int, args, device: str, with_ref: bool) -> dict:
