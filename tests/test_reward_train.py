@@ -5,6 +5,9 @@ Qwen2ForSequenceClassification with our scores."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ import torch
 import train
 from model import load_reward_model
 from training.reward_scoring import RewardModelScorer
+
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +72,37 @@ def test_reward_model_learns_and_loads_in_the_reference(tiny_lab_model: Path, tm
     prompt = [{"role": "user", "content": "What is 4 plus 5?"}]
     good, bad = scorer.score([prompt, prompt], ["4 plus 5 makes 9, so it is correct", "4 plus 5 makes 9, so it is wrong"])
     assert good > bad
+
+
+# ---------------------------------------------------------------- experiments/sft_dpo_grpo.py (and lab_reward_model.py)
+
+
+def test_paper_004_table_quick_run(tmp_path: Path):
+    """The whole pipeline on a tiny budget: the lab reward model's recipe and probes, then the five rows trained
+    from one SFT model and scored; the SFT row is the win rate's reference, so it ties itself exactly."""
+    out = tmp_path / "exp"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments/sft_dpo_grpo.py"), "--quick", "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rm = json.loads((out / "reward_model" / "results.json").read_text())
+    assert rm["held_out"]["pairs"] == 8
+    assert set(rm["probes"]) == {"correct", "slip", "wrong box", "answer only", "wrong, short", "repeated line",
+                                 "no box"}
+    for name, row in rm["probes"].items():
+        if name != "correct":  # the gap is the correct solution's score minus the probe's
+            assert row["mean_gap"] == pytest.approx(rm["probes"]["correct"]["mean_score"] - row["mean_score"],
+                                                    abs=1e-5)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert list(results) == ["sft", "sft_length", "dpo", "grpo_rm", "grpo_rule"]
+    assert results["sft"]["win_rate"]["runs"] == [0.5]
+    for scores in results.values():
+        assert 0.0 <= scores["greedy"]["mean"] <= 1.0 and 0.0 <= scores["avg@4"]["mean"] <= 1.0
+        assert scores["ppl"]["mean"] >= 1.0 and 0.0 <= scores["bleu4"]["mean"] <= 100.0
+    grpo_rm = [json.loads(line) for line in (out / "grpo_rm_seed0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in grpo_rm if not row.get("eval")]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    for row in steps:  # rewarded by the reward model alone; the rule accuracy logged beside it at weight 0
+        assert row["reward"] == pytest.approx(row["reward_model"])
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert "| GRPO, reward model |" in (out / "results.md").read_text()
