@@ -29,7 +29,6 @@ import torch
 from tqdm import tqdm
 
 from data.tokenizer import load_tokenizer
-from losses import LOSSES
 from losses.logprobs import sequence_logprobs
 from model import UserError, default_device
 from model.errors import RankLocalError
@@ -43,8 +42,8 @@ from training.optim import lr_at, make_optimizer
 from training.precision import Precision
 from training.progress import (MetricsLog, StepTotals, diverged_message, open_trackers, show_done, show_start,
                                show_step)
-from training.setup import (load_data, load_rewards, load_trained_model, make_batch_source, open_output, prepare_model,
-                            seed_everything)
+from training.setup import (load_data, load_rewards, load_trained_model, make_batch_source, objective, open_output,
+                            prepare_model, seed_everything)
 
 
 def build_parser():
@@ -88,7 +87,7 @@ def train(args: argparse.Namespace) -> dict:
     tok = load_tokenizer(model_dir)
     data = load_data(args, tok)  # rows -> token ids + loss masks (prompts for grpo, pairs for the dpo family)
     eos = stop_ids(model_dir, model, tok.im_end_id)  # a chat turn ends at <|im_end|>
-    loss_fn, hparams = LOSSES[args.loss], flags.loss_hparams(args)
+    loss_fn, hparams = objective(args)  # LOSSES[args.loss], or with --sft-data GRPO + SFT (losses/grpo_sft.py)
     # Where each step's micro-batches come from (training/batches.py): the dataset, or rollouts of the policy.
     source, evaluator = make_batch_source(args, data, model, tok, rewards, eos, hparams, device, precision, ranks)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * source.steps_per_epoch))

@@ -24,6 +24,7 @@ from losses.dft import dft_loss
 from losses.dpo import DPO_VARIANTS, dpo_loss
 from losses.minor_dpo import minor_dpo_loss
 from losses.grpo import grpo_loss
+from losses.grpo_sft import grpo_sft_loss
 from losses.iw_sft import iw_sft_loss
 from losses.minor_sft import minor_sft_loss
 from losses.reward import reward_loss
@@ -61,17 +62,23 @@ ON_SCORES: set[str] = {"reward"}
 # dataset's replies.
 ONLINE: set[str] = {"grpo"}
 
+# grpo with --sft-data: GRPO plus lambda times the NLL of demonstrations, each step (losses/grpo_sft.py). Not a --loss
+# of its own: training/setup.py's `objective` picks it for --loss grpo --sft-data, and RolloutBatches adds the
+# demonstration micro-batches.
+WITH_DEMONSTRATIONS: dict[str, Callable[..., LossOutput]] = {"grpo": grpo_sft_loss}
+
 # Objectives trained on the dataset's replies AND on completions of the same prompts sampled from the policy during
 # training (training/batches.py's LengthSampleBatches adds them to each micro-batch, with `sample_of` and
 # `length_target`).
 WITH_SAMPLES: set[str] = {"sft_length"}
 
 
-def hparams_for(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The entries of `hparams` (e.g. all loss flags of the command line) that objective `name` accepts."""
-    accepted = inspect.signature(LOSSES[name]).parameters
+def hparams_for(name: str | Callable[..., LossOutput], hparams: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `hparams` (e.g. all loss flags of the command line) that objective `name` (or the loss
+    function itself) accepts."""
+    accepted = inspect.signature(LOSSES[name] if isinstance(name, str) else name).parameters
     return {k: v for k, v in hparams.items() if k in accepted and accepted[k].kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "ON_SCORES", "PREFERENCE_LOSSES", "WITH_SAMPLES",
-           "LossOutput", "SFT_NORMS", "hparams_for"]
+__all__ = ["DPO_VARIANTS", "LOSSES", "NEEDS_REFERENCE", "ONLINE", "ON_SCORES", "PREFERENCE_LOSSES",
+           "WITH_DEMONSTRATIONS", "WITH_SAMPLES", "LossOutput", "SFT_NORMS", "hparams_for"]

@@ -122,6 +122,23 @@ def group_advantages(rewards: Tensor, estimator: str = "grpo") -> tuple[Tensor, 
     return advantages.float(), zero_variance
 
 
+def kept_tokens(mask: Tensor, batch: dict) -> tuple[Tensor, Tensor]:
+    """(mask of the completion tokens of kept completions (B, T), keep (N,) float): batch["keep"] 0 leaves a
+    completion out of the loss and its denominator; without it every completion is kept."""
+    n_seq = int(batch["num_sequences"])
+    keep = batch.get("keep")
+    keep = torch.ones(n_seq, device=mask.device) if keep is None else keep.to(mask.device, torch.float32)  # (N,)
+    return mask * keep[batch["sequence_ids"].clamp(min=0).to(mask.device)], keep  # (B, T), (N,)
+
+
+def grpo_count(mask: Tensor, batch: dict, loss_agg: str) -> Tensor:
+    """The units a micro-batch adds to the step's denominator under `loss_agg`: its kept completion tokens (token),
+    or its kept completions (sequence, constant). grpo_loss returns it as its count, and the hybrid objective's batch
+    source sums it over the step before the first backward (losses/grpo_sft.py), so the two cannot disagree."""
+    mask, keep = kept_tokens(mask, batch)
+    return mask.sum() if loss_agg == "token" else keep.sum()  # ()
+
+
 def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, clip_eps_low: float | None = None,
               clip_eps_high: float | None = None, loss_agg: str = "token", agg_constant: float = 1.0,
               importance_level: str = "token") -> LossOutput:
@@ -134,10 +151,8 @@ def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, cl
     clip_eps_low = default_low if clip_eps_low is None else clip_eps_low
     clip_eps_high = default_high if clip_eps_high is None else clip_eps_high
     seq = batch["sequence_ids"].clamp(min=0)  # (B, T) padding -> sequence 0, masked out below
-    n_seq = int(batch["num_sequences"])
-    keep = batch.get("keep")
-    keep = torch.ones(n_seq, device=logps.device) if keep is None else keep.to(logps.device, torch.float32)  # (N,)
-    mask = mask * keep[seq]  # (B, T) completion tokens of kept completions
+    count = grpo_count(mask, batch, loss_agg)  # the one rule for the denominator (also the batch source's, for C)
+    mask, _ = kept_tokens(mask, batch)  # (B, T) completion tokens of kept completions
     logps = masked(logps, mask)  # (B, T)
     advantages = batch["advantages"].to(logps.device, torch.float32)[seq]  # (B, T) A_i on each of its tokens
     old = batch.get("old_logps")
@@ -163,12 +178,12 @@ def grpo_loss(logps: Tensor, mask: Tensor, batch: dict, *, beta: float = 0.0, cl
     token_loss = token_loss * mask  # (B, T)
 
     if loss_agg == "token":
-        loss_sum, count = token_loss.sum(), n_tokens
+        loss_sum = token_loss.sum()
     elif loss_agg == "sequence":
         lengths = per_sequence_count(mask, batch)  # (N,)
-        loss_sum, count = (per_sequence_sum(token_loss, batch) / lengths.clamp(min=1)).sum(), keep.sum()
+        loss_sum = (per_sequence_sum(token_loss, batch) / lengths.clamp(min=1)).sum()
     else:
-        loss_sum, count = token_loss.sum() / agg_constant, keep.sum()
+        loss_sum = token_loss.sum() / agg_constant
 
     with torch.no_grad():
         low = (ratio < 1 - clip_eps_low) & (advantages < 0)  # (B, T) the min picks the clipped term: no gradient

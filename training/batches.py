@@ -7,7 +7,7 @@
     LengthSampleBatches  the same, and on penalty steps each reply's k samples from the policy (sft_length)
     RolloutBatches       GRPO: each step's prompts completed by the policy (training/rollouts.py), one rollout
                          batch reused for --mu steps; with --dynamic-sampling, more rounds of prompts until the
-                         step's groups all have a learning signal
+                         step's groups all have a learning signal; with --sft-data, followed by demonstrations
 
 The data position (epoch, cursor) and the rollout kept for reuse live in the TrainState (training/checkpoint.py),
 so a resume continues where the run stopped. Under torchrun every rank builds the same global list of the step's
@@ -29,6 +29,7 @@ import torch
 from data.collate import BatchSampler, collate, pack_rows
 from data.datasets import Example
 from data.preference import collate_pairs
+from losses.grpo import grpo_count
 from losses.logprobs import sequence_logprobs
 from model.generate import generate, is_truncated
 from training import distributed
@@ -88,10 +89,15 @@ class BatchSource:
         state.cursor += 1
         return self._order[1][state.cursor - 1]
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches each rank runs a step (real ones, then FSDP's padding up to this number)."""
+        return self.args.grad_accum
+
     def next_step(self, state: TrainState) -> StepBatches:
         step = self.make_step(state)
         if self.ranks.fsdp:
-            step.idle = self.args.grad_accum - len(step.micro_batches)
+            step.idle = self.micro_batches_per_step - len(step.micro_batches)
             step.micro_batches = step.micro_batches + [self.idle_batch()] * step.idle
         return step
 
@@ -211,16 +217,28 @@ class RolloutBatches(BatchSource):
     the rollout batch is kept in the TrainState and trained on for mu steps (old log-probs from before the first).
     With --dynamic-sampling each round of make_dynamic_rollout takes the next step's worth of prompts from the
     sampler (so a step may use several, and an epoch has fewer steps than `steps_per_epoch` says), round r's items
-    seeded after round r - 1's: round 0 draws what a step without dynamic sampling draws."""
+    seeded after round r - 1's: round 0 draws what a step without dynamic sampling draws.
+
+    With `demonstrations` (--sft-data, losses/grpo_sft.py) each step's rollout micro-batches are followed by
+    --grad-accum micro-batches of --batch-size demonstrations (this rank's share of the step's, drawn in a seeded
+    order that cycles through them; state.demonstrations counts those drawn), each carrying the step's GRPO count C
+    and demonstration tokens N over all ranks, computed here before the step's first backward."""
 
     def __init__(self, prompts: list[Example], args, tok, device: str, precision: Precision,
-                 ranks: distributed.Ranks, model, ref_model, rows, rewards, eos: list[int]):
+                 ranks: distributed.Ranks, model, ref_model, rows, rewards, eos: list[int],
+                 demonstrations: list[Example] | None = None):
         super().__init__(prompts, args, tok, device, precision, ranks)
         self.model, self.ref_model, self.rows, self.rewards, self.eos = model, ref_model, rows, rewards, eos
+        self.demonstrations = demonstrations or []
+        self._demonstration_order: tuple[int, list[int]] = (-1, [])
 
     @property
     def steps_per_epoch(self) -> int:
         return super().steps_per_epoch * self.args.mu  # mu updates per rollout batch
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.args.grad_accum * (2 if self.demonstrations else 1)  # rollouts, then demonstrations
 
     def make_step(self, state: TrainState) -> StepBatches:
         metrics: dict = {}
@@ -247,7 +265,38 @@ class RolloutBatches(BatchSource):
         batches = state.rollout
         if (state.step + 1) % self.args.mu == 0:  # the batch's last update: the next step draws a new one
             state.rollout = None
+        if self.demonstrations:
+            batches = batches + self.demonstration_batches(state, batches)
         return StepBatches(batches, metrics=metrics, log_entropy=True)
+
+    def demonstration_order(self, epoch: int) -> list[int]:
+        """Pass `epoch` over the demonstrations: a permutation seeded by --seed and the pass."""
+        if self._demonstration_order[0] != epoch:
+            order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.demonstrations))
+            self._demonstration_order = (epoch, order.tolist())
+        return self._demonstration_order[1]
+
+    def demonstration_batches(self, state: TrainState, rollouts: list[dict]) -> list[dict]:
+        """This rank's demonstration micro-batches of the step, after its `rollouts`: the step's next
+        --batch-size x --grad-accum x world demonstrations (positions state.demonstrations on, passing from one
+        seeded order to the next at the end of the data), this rank's share of them, each micro-batch with
+        demonstration True, rl_count = C and sft_tokens = N (losses/grpo_sft.py)."""
+        per_rank = self.args.batch_size * self.args.grad_accum
+        n, first = len(self.demonstrations), state.demonstrations
+        positions = range(first, first + per_rank * self.ranks.world)
+        ids = [self.demonstration_order(p // n)[p % n] for p in positions]
+        state.demonstrations = first + len(ids)
+        mine = [self.demonstrations[i] for i in distributed.my_share(ids, self.ranks, per_rank)]
+        size = self.args.batch_size
+        batches = [collate(mine[k:k + size], self.tok.pad_token_id) for k in range(0, len(mine), size)]
+        # C by grpo_loss's own rule, N as sft counts tokens, both over the whole step and every rank; the loop
+        # divides by max(its count, 1), so C is taken the same way (losses/grpo_sft.py, departure 3).
+        local = [sum(float(grpo_count(b["loss_mask"], b, self.args.loss_agg)) for b in rollouts),
+                 sum(float(b["loss_mask"].sum()) for b in batches)]
+        rl_count, sft_tokens = distributed.all_sum(local, self.ranks, self.device)
+        for batch in batches:
+            batch.update(demonstration=True, rl_count=max(rl_count, 1.0), sft_tokens=max(sft_tokens, 1.0))
+        return batches
 
     def idle_batch(self) -> dict:
         return idle_rollout_batch(self.examples[0], self.tok.pad_token_id, self.args, self.device,

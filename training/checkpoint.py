@@ -45,7 +45,8 @@ RUN_DEFINING = ("loss", "beta", "sft_norm", "length_normalized_ratio", "ref_mode
                 "skip_zero_variance", "reward", "format_pattern", "length_target", "length_coef",
                 "length_penalty_every", "model", "data", "data_split", "eval_fraction", "max_len", "max_examples",
                 "pack", "seed", "margin_scale", "center_rewards_coefficient", "iw_level", "iw_temp", "iw_clip_min",
-                "iw_clip_max", "importance_level", "overlong_buffer", "dynamic_sampling", "max_sampling_rounds")
+                "iw_clip_max", "importance_level", "overlong_buffer", "dynamic_sampling", "max_sampling_rounds",
+                "sft_data", "sft_coef")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainState:
     best_eval: float = math.inf  # early stopping (--patience): the best eval loss so far ...
     evals_since_best: int = 0  # ... and the evals since it
     rollout: list[dict] | None = None  # grpo --mu > 1: this rank's rollout micro-batches the next steps reuse
+    demonstrations: int = 0  # grpo --sft-data: demonstrations drawn so far over all ranks (an older checkpoint: 0)
 
 
 def rng_state() -> dict:

@@ -13,13 +13,14 @@ import inspect
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from cli import (FRACTION, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, TOP_P,
                  ArgumentTypeError, Parser, Range, device_name, model_spec, output_dir, output_problem, refuse)
 from data.lab import is_lab_spec
 from data.preference import SPANS
-from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS, WITH_SAMPLES,
-                    hparams_for)
+from losses import (DPO_VARIANTS, LOSSES, NEEDS_REFERENCE, ONLINE, PREFERENCE_LOSSES, SFT_NORMS,
+                    WITH_DEMONSTRATIONS, WITH_SAMPLES, hparams_for)
 from losses.grpo import ADVANTAGES, CLIP_DEFAULTS, IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
 from losses.iw_sft import IW_CLIP_DEFAULTS, IW_LEVELS
 from losses.logprobs import DEFAULT_CHUNK
@@ -113,6 +114,18 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--max-sampling-rounds", type=POSITIVE_INT, default=None,
                    help="--dynamic-sampling: at most this many rounds a step; a step still short after them trains "
                    "on the groups it has (>= 1; default 3)")
+    g.add_argument("--sft-data", default=None, metavar="SPEC",
+                   help="grpo: also train on these demonstrations each step, L = L_GRPO + --sft-coef x their "
+                   "per-token NLL (paper 002's hybrid of RL and SFT; losses/grpo_sft.py): --grad-accum micro-batches "
+                   "of --batch-size demonstrations per step and rank, cycling through the data in a seeded order. "
+                   "Any spec --loss sft reads (a .jsonl/.json/.parquet file, a directory or hub id: its train split, "
+                   "or lab[:split][:layout], e.g. lab for lab:train messages); --max-len and --max-examples apply "
+                   "(default: none, plain GRPO)")
+    g.add_argument("--sft-coef", type=NON_NEGATIVE_FLOAT, default=None,
+                   help="--sft-data: lambda, the weight of the demonstrations' per-token NLL against GRPO's loss "
+                   "(>= 0; default 0.1: the NLL is a per-token quantity of order 1 while GRPO's per-token loss is "
+                   "of the order of its advantages times the ratio's movement, so a small lambda keeps RL the main "
+                   "signal and the demonstrations an anchor)")
     g.add_argument("--reward", action="append", default=None,
                    metavar="NAME[:W] | FILE.py:FN[:W] | model:DIR[:W]",
                    help="a reward and its weight, repeatable: accuracy, format, length, overlong, language, a function "
@@ -238,6 +251,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
     check_overlong_flags(ap, args)
     check_dynamic_sampling_flags(ap, args)
+    check_demonstration_flags(ap, args)
     check_length_sample_flags(ap, args)
     if args.fsdp:
         check_fsdp_flags(ap, args)
@@ -369,8 +383,9 @@ def apply_defaults(args: argparse.Namespace) -> None:
         args.ref_model = model_spec(args.ref_model)
 
 
-def loss_hparams(args: argparse.Namespace) -> dict:
-    """The loss flags of the command line that --loss accepts (None = keep the function's default)."""
+def loss_hparams(args: argparse.Namespace, loss_fn: Callable | None = None) -> dict:
+    """The loss flags of the command line that --loss (or `loss_fn`, the run's objective) accepts (None = keep the
+    function's default)."""
     flags = {"beta": args.beta, "sft_norm": args.sft_norm, "length_normalized_ratio": args.length_normalized_ratio,
              "iw_level": args.iw_level, "iw_temp": args.iw_temp, "iw_clip_min": args.iw_clip_min,
              "iw_clip_max": args.iw_clip_max,
@@ -378,8 +393,9 @@ def loss_hparams(args: argparse.Namespace) -> dict:
              "clip_eps_low": args.clip_eps_low, "clip_eps_high": args.clip_eps_high, "loss_agg": args.loss_agg,
              "importance_level": args.importance_level,
              "agg_constant": float(args.max_new_tokens), "length_coef": args.length_coef,
-             "margin_scale": args.margin_scale, "center_rewards_coefficient": args.center_rewards_coefficient}
-    return hparams_for(args.loss, {k: v for k, v in flags.items() if v is not None})
+             "margin_scale": args.margin_scale, "center_rewards_coefficient": args.center_rewards_coefficient,
+             "sft_coef": args.sft_coef}
+    return hparams_for(loss_fn or args.loss, {k: v for k, v in flags.items() if v is not None})
 
 
 def check_reward_model_flags(ap, args) -> None:
@@ -474,6 +490,17 @@ def check_dynamic_sampling_flags(ap, args) -> None:
         refuse(ap, "--max-sampling-rounds", "applies only with --dynamic-sampling; add it or drop this flag.")
     if args.dynamic_sampling and args.max_sampling_rounds is None:
         args.max_sampling_rounds = 3
+
+
+def check_demonstration_flags(ap, args) -> None:
+    """--sft-data: grpo only; --sft-coef only with it (default 0.1, recorded in args.json)."""
+    if args.sft_data is not None and args.loss not in WITH_DEMONSTRATIONS:
+        refuse(ap, "--sft-data", f"applies only to --loss {', '.join(sorted(WITH_DEMONSTRATIONS))} (GRPO plus SFT on "
+               "demonstrations); drop it, or train on them with --loss sft --data.")
+    if args.sft_coef is not None and args.sft_data is None:
+        refuse(ap, "--sft-coef", "weighs the demonstrations of --sft-data; add --sft-data SPEC or drop it.")
+    if args.sft_data is not None and args.sft_coef is None:
+        args.sft_coef = 0.1
 
 
 def check_length_sample_flags(ap, args) -> None:

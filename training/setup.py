@@ -4,7 +4,8 @@ data tokenized, the reference prepared, the step's batch source chosen, the mode
 Every branch on the kind of objective (online, preference, with samples, needs a reference) is taken here, once,
 so that the loop in train.py runs the same code for all of them.
 
-Owns: `open_output`, `load_data`, `make_batch_source`, `prepare_model`. Imports data, losses, model, training.*.
+Owns: `open_output`, `load_data`, `objective`, `make_batch_source`, `prepare_model`. Imports data, losses, model,
+training.*.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +22,8 @@ from data.datasets import load_rows, reference_answer, row_location, split_holdo
 from data.preference import flatten, score_margin, tokenize_preference_rows
 from data.rewards import REWARD_OPTIONS, build_rewards
 from data.tokenizer import load_tokenizer
-from losses import NEEDS_REFERENCE, ON_SCORES, ONLINE, PREFERENCE_LOSSES, WITH_SAMPLES
+from losses import (LOSSES, NEEDS_REFERENCE, ON_SCORES, ONLINE, PREFERENCE_LOSSES, WITH_DEMONSTRATIONS, WITH_SAMPLES,
+                    LossOutput)
 from losses.logprobs import sequence_scores
 from model import UserError, load_model, load_reward_model, recover_interrupted_saves
 from training import distributed
@@ -28,6 +31,7 @@ from training.batches import BatchSource, DatasetBatches, LengthSampleBatches, R
 from training.checkpoint import (HISTORY_FILE, abandon_later_checkpoints, check_resume_flags, find_resume_dir,
                                  finished_run, lock_output)
 from training.evaluation import finish_report, make_evaluator, report_problems
+from training.flags import loss_hparams
 from training.precision import Precision
 from training.reference import live_reference, load_reference
 from training.reward_scoring import model_reward
@@ -76,6 +80,7 @@ class RunData:
     rows: object = None  # grpo: the rows of --data and --eval-data (their reference answers score the rollouts)
     eval_rows: object = None
     problems: list = field(default_factory=list)  # --report-problems: (prompt turns, answer) for greedy accuracy
+    demonstrations: list = field(default_factory=list)  # grpo --sft-data: Examples its SFT term trains on
 
 
 def data_report(stats: dict, spec: str, max_len: int) -> str:
@@ -84,12 +89,12 @@ def data_report(stats: dict, spec: str, max_len: int) -> str:
             f"{stats['dropped_empty']} dropped with no trainable token left")
 
 
-def load_examples(args, tok, spec: str, split: str, report: bool = False) -> list:
+def load_examples(args, tok, spec: str, split: str, report: bool = False, label: str | None = None) -> list:
     """Tokenized examples of a dataset spec: Examples, or PreferencePairs for the preference objectives."""
     rows = load_rows(spec, split)
     if args.loss not in PREFERENCE_LOSSES:
         examples, stats = tokenize_rows(rows, tok, args.max_len, source=spec)
-        print(f"{'data' if report else 'eval data'}: {data_report(stats, spec, args.max_len)}")
+        print(f"{label or ('data' if report else 'eval data')}: {data_report(stats, spec, args.max_len)}")
         return examples
     pairs, stats = tokenize_preference_rows(rows, tok, args.max_len, source=spec, keep_ties=args.keep_ties,
                                             span=args.dpo_span)
@@ -128,6 +133,12 @@ def load_data(args, tok) -> RunData:
         data.examples, data.eval_examples = data.examples[:args.max_examples], data.eval_examples[:args.max_examples]
     if not data.examples:
         raise UserError(f"{args.data} yields no trainable example; check its layout and --max-len.")
+    if args.sft_data is not None:  # grpo's demonstrations (losses/grpo_sft.py): replies with trained tokens
+        data.demonstrations = load_examples(args, tok, args.sft_data, "train", label="sft data")[
+            :args.max_examples or None]
+        if not data.demonstrations:
+            raise UserError(f"--sft-data {args.sft_data} yields no demonstration with a trained token; it needs "
+                            "replies (e.g. messages with an assistant turn) within --max-len.")
     if not online and args.loss not in ON_SCORES:  # online runs report their held-out eval; a reward model writes
         data.problems = report_problems(args)  # no text
     if online and "accuracy" in args.reward:
@@ -136,6 +147,13 @@ def load_data(args, tok) -> RunData:
                 raise UserError(f"{row_location(data.rows, e.index)}: the accuracy reward needs a reference answer "
                                 "('answer', a boxed solution or GSM8K's '#### N'); this row has none.")
     return data
+
+
+def objective(args) -> tuple[Callable[..., LossOutput], dict]:
+    """The run's loss function and its hparams: --loss's own, or for --loss grpo --sft-data the hybrid of
+    losses/grpo_sft.py (its batch source adds the demonstrations). Chosen once, here, for the whole loop."""
+    loss_fn = WITH_DEMONSTRATIONS[args.loss] if args.sft_data is not None else LOSSES[args.loss]
+    return loss_fn, loss_hparams(args, loss_fn)
 
 
 def load_rewards(args, device: str) -> list | None:
@@ -159,7 +177,7 @@ def make_batch_source(args, data: RunData, model, tok, rewards, eos: list[int], 
     if kind == "rollouts":
         ref_model = live_reference(args, device) if hparams.get("beta", 0.0) > 0 else None
         return RolloutBatches(data.examples, args, tok, device, precision, ranks, model, ref_model, data.rows,
-                              rewards, eos), evaluator
+                              rewards, eos, demonstrations=data.demonstrations), evaluator
     ref_model, ref_table = None, None
     if args.loss in NEEDS_REFERENCE:
         ref_examples = flatten(data.examples) if kind == "pairs" else data.examples
