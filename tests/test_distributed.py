@@ -350,3 +350,22 @@ def test_grpo_dynamic_sampling_two_ranks_equal_one_process(root, tiny_lab_model,
                       OBJECTIVES["grpo"][2] + counts)
     assert all(a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) for a, b in zip(ours, ref))
     assert max_weight_diff(out / "final", one / "final") <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_grpo_with_demonstrations_two_ranks_equal_one_process(root, tiny_lab_model, mode):
+    """--sft-data under torchrun: each rank trains on its share of the step's demonstrations, and the two normalisers
+    (GRPO's count C and the demonstration tokens N) are summed over the ranks before the first backward, so the
+    steps (loss, both terms) and the weights are one process's with twice the accumulation; under FSDP2 too."""
+    extra = ["--max-steps", "2", "--max-new-tokens", "8", "--grad-clip", "0", "--sft-data", str(root / "train.jsonl"),
+             "--sft-coef", "0.5"]
+    one, out = root / "grpo-one-sft", root / f"grpo-{mode}-sft"
+    if not one.exists():
+        one_process(flags(tiny_lab_model, one, "grpo", root, *extra, "--grad-accum", "2"), root / "cache-grpo-one-sft")
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    ok(torchrun(*flags(tiny_lab_model, out, "grpo", root, *extra, "--grad-accum", "1", *fsdp),
+                cache=root / f"cache-grpo-{mode}-sft"))
+    ours, ref = rows_of(out), rows_of(one)
+    assert all(r["sft_nll"] > 0 for r in ref)
+    assert_same_steps(ours, ref, OBJECTIVES["grpo"][2] + ("rl_loss", "sft_nll"))
+    assert max_weight_diff(out / "final", one / "final") <= 1e-6
