@@ -12,27 +12,32 @@ small byte-level BPE tokenizer trained on them and shipped in data/lab_assets/to
               The answer is \\boxed{14}.
 
 Specs (what `--data` accepts): `lab[:split][:layout]`, e.g. `lab`, `lab:test`, `lab:test-hard:prompt`,
-`lab:train:preference`, `lab:pretrain`; `lab:LAYOUT` alone means the train split.
+`lab:train:preference`, `lab:test:preference-hard`, `lab:pretrain`; `lab:LAYOUT` alone means the train split.
+Every layout applies to every split.
 
     split       rows   difficulty                                   use
     train        4000  1-3 steps, start 1-99, amounts 1-9, + - x     SFT / DPO / GRPO
     test          200  same distribution as train                    in-distribution eval
     test-hard     200  4-5 steps, same numbers                       more steps than any train row: generalisation
+    test-ood      200  train's, and a step multiplies the count by   a multiplier no training row has (train: 2-5):
+                       6-9 ("ends up with 7 times as many")          generalisation with headroom (point 6)
     pretrain    60000  train distribution, another seed; a quarter   pre-training the tiny base model
                        phrased as bare instructions for variety
 
-    layout      row (every row also has "id" and "answer", the final number as a string)
-    text        {"text": problem + "\\n" + solution}                           default of `pretrain`
-    messages    {"messages": [system, user, assistant]}                        default of the other splits
-    preference  {"prompt": [system, user], "chosen": [system, user, assistant],
-                 "rejected": [system, user, assistant with one arithmetic slip]}  (UltraFeedback's layout)
-    prompt      {"prompt": [system, user]}                                     GRPO rollouts and eval
+    layout           row (every row also has "id" and "answer", the final number as a string)
+    text             {"text": problem + "\\n" + solution}                      default of `pretrain`
+    messages         {"messages": [system, user, assistant]}                   default of the other splits
+    preference       {"prompt": [system, user], "chosen": [system, user, assistant],
+                      "rejected": [system, user, assistant with one arithmetic slip]}  (UltraFeedback's layout)
+    preference-hard  as preference; "rejected": [system, user, assistant solving a misread problem, every line
+                      right]: pairs the lab base cannot rank (point 7)
+    prompt           {"prompt": [system, user]}                                GRPO rollouts and eval
 
 What the reader should know:
 
 1. Everything is a pure function of the split's seed (`random.Random(seed)`, no global state): the same split is
    the same list of rows on every machine and run. Problem texts never repeat within a split, and train and
-   pretrain never contain a test or test-hard problem (they are generated last and skip those texts).
+   pretrain never contain a test, test-hard or test-ood problem (they are generated last and skip those texts).
 2. Every number written stays in 0..99 (Difficulty.max_value): a subtraction takes at most what there is, and a
    step that would push the count past 99 is redrawn. Amounts added or taken away are 1-9, and so are multipliers
    and group sizes.
@@ -47,6 +52,27 @@ What the reader should know:
 4. The system prompt is LAB_SYSTEM, written into every chat row and also the default of the lab tokenizer's chat
    template, so a chat without a system turn renders the same.
 5. `extract_boxed` and `answers_match` are re-exported from data/answers.py, the one answer checker of the project.
+6. test-ood (seed 5005) is train's generator with the multipliers of "ends up with N times as many" drawn from 6-9
+   instead of 2-5 (OOD_DIFFICULTY.factors), keeping only the problems that have such a step
+   (`multiplies_past_train`; the step is redrawn when the product would pass 99, so the count multiplied is 1-16).
+   No training row multiplies a count by more than 5, so no test-ood text can be a train or pretrain text, and
+   nothing else is new: the wording, the other steps, 1-3 steps, every number in 0..99. The products themselves
+   are partly known (a group line writes "7 x 6 = 42" for single digits), partly not (13 x 7). Quick-start SFT
+   (`train.py --loss sft`): greedy accuracy 0.51 here against 0.785 on test; the base written as plain text
+   solves 0.73 of the same problems (0.95 of test), so the arithmetic is within reach.
+7. preference-hard: the chosen reply is the solution, the rejected one a fluent, self-consistent solution of the
+   problem as misread (`misread_solution`): every line's arithmetic is right and follows from the line before,
+   only the reading is wrong, so the answer is wrong (not the one-line slip of `preference`, which the base ranks
+   right 99% of the time). The misreading is the one the lab base reads least reliably in chat, by the number of
+   steps: one step, its number (a group's size, else the amount or factor) read as the starting count, or as a
+   neighbour (+-1, +-2) when that does not fit; two steps, the last clause read twice; three steps, the middle
+   clause's number read as the next clause's, else its add / subtract swapped, else a neighbour. A misreading
+   fits when its numbers are in the generator's ranges (amounts 1-9, counts, sizes and factors 2-9), every written
+   number stays in 0..99, and the answer changes; the first that fits is used, with further fallbacks (any
+   clause's neighbour or swap, then the starting count's neighbour) so every problem has one. A pure function of
+   the problem record (neighbours are tried in an order drawn from random.Random(problem text)). Measured with
+   paper 000's Eq. 4 (chosen log-prob > rejected, eval.py --metric preference) on test's 200 pairs: base 0.645
+   (one step 0.55, two 0.74, three 0.63), quick-start SFT 0.94.
 """
 
 from __future__ import annotations
@@ -56,9 +82,9 @@ import functools
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
@@ -77,10 +103,15 @@ from model.errors import UserError
 LAB_SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
 # Sizes and seeds of the splits; change a size here and every consumer follows.
-SPLIT_SIZES = {"train": 4000, "test": 200, "test-hard": 200, "pretrain": 60000}
-SPLIT_SEEDS = {"train": 1001, "test": 2002, "test-hard": 3003, "pretrain": 4004}
-LAYOUTS = ("messages", "text", "preference", "prompt")
-DEFAULT_LAYOUT = {"train": "messages", "test": "messages", "test-hard": "messages", "pretrain": "text"}
+SPLIT_SIZES = {"train": 4000, "test": 200, "test-hard": 200, "test-ood": 200, "pretrain": 60000}
+SPLIT_SEEDS = {"train": 1001, "test": 2002, "test-hard": 3003, "test-ood": 5005, "pretrain": 4004}
+EVAL_SPLITS = ("test", "test-hard", "test-ood")  # generated first; the training splits skip their texts
+# The splits the shipped tokenizer was trained on: a split added later stays out of its corpus, so the tokenizer
+# (and the ids of every lab checkpoint) stays byte-for-byte as shipped.
+TOKENIZER_SPLITS = ("train", "test", "test-hard", "pretrain")
+LAYOUTS = ("messages", "text", "preference", "prompt", "preference-hard")
+DEFAULT_LAYOUT = {"train": "messages", "test": "messages", "test-hard": "messages", "test-ood": "messages",
+                  "pretrain": "text"}
 PRETRAIN_INSTRUCTION_SHARE = 0.25  # share of pretrain rows in the bare "Start with 12. Add 7, ..." phrasing
 # Every Nth pretrain text row as a ChatML transcript (0: none). The shipped base has seen none: like a base model
 # before instruction tuning, it knows the task's text but not the chat format, and fine-tuning teaches that.
@@ -101,8 +132,10 @@ class Difficulty:
 
     steps, digits (of the starting count) and amount_digits (of every amount added or taken away, and of group
     sizes) are inclusive (low, high) ranges drawn uniformly; ops is a subset of "+-x", each allowed operation
-    equally likely. Multipliers ("doubles", "3 bags of 4") are single digits. No written number exceeds max_value:
-    a start above it is redrawn, and so is a step that would take the count above it.
+    equally likely. Multipliers ("doubles", "3 bags of 4") are single digits: factors lists what a count is
+    multiplied by ("doubles", "ends up with 4 times as many"), each entry equally likely (2 and 3 twice by
+    default). No written number exceeds max_value: a start above it is redrawn, and so is a step that would take the
+    count above it.
     """
 
     steps: tuple[int, int] = (1, 3)
@@ -110,6 +143,7 @@ class Difficulty:
     ops: str = "+-x"
     amount_digits: tuple[int, int] = (1, 1)
     max_value: int = 99
+    factors: tuple[int, ...] = (2, 2, 3, 3, 4, 5)
 
     def __post_init__(self) -> None:
         if self.max_value < 10:
@@ -119,14 +153,19 @@ class Difficulty:
                 raise UserError(f"Difficulty.{field}={(low, high)} must be a range (low, high) with 1 <= low <= high.")
         if not self.ops or set(self.ops) - set("+-x"):
             raise UserError(f"Difficulty.ops={self.ops!r} must be a non-empty subset of '+-x'.")
+        if not self.factors or not all(2 <= f <= 9 for f in self.factors):
+            raise UserError(f"Difficulty.factors={self.factors} must be a non-empty list of single digits 2-9.")
 
 
 TRAIN_DIFFICULTY = Difficulty(steps=(1, 3), digits=(1, 2), ops="+-x")
 HARD_DIFFICULTY = Difficulty(steps=(4, 5), digits=(1, 2), ops="+-x")
+# train's problems with the multipliers no training row has: a count multiplied by 6-9 (train: 2-5).
+OOD_DIFFICULTY = Difficulty(steps=(1, 3), digits=(1, 2), ops="+-x", factors=(6, 7, 8, 9))
 SPLIT_DIFFICULTY = {
     "train": TRAIN_DIFFICULTY,
     "test": TRAIN_DIFFICULTY,
     "test-hard": HARD_DIFFICULTY,
+    "test-ood": OOD_DIFFICULTY,
     "pretrain": TRAIN_DIFFICULTY,
 }
 
@@ -311,7 +350,7 @@ def _draw_step(rng: random.Random, value: int, difficulty: Difficulty, cap: int)
         elif kind == "scale":
             if value == 0:  # "triples her 0 apples" teaches nothing
                 continue
-            step = Step("scale", _choice(rng, (2, 2, 3, 3, 4, 5)), phrase=phrase)
+            step = Step("scale", _choice(rng, difficulty.factors), phrase=phrase)
         else:
             d = _randint(rng, 1, min(2, difficulty.amount_digits[1]))
             size = _randint(rng, max(2, 10 ** (d - 1)), 10**d - 1)  # "bags of 1" reads oddly
@@ -373,8 +412,10 @@ def generate_problem(rng: random.Random, difficulty: Difficulty, style: str = "s
 
 
 def generate_problems(seed: int, n: int, difficulty: Difficulty = TRAIN_DIFFICULTY,
-                      instruction_share: float = 0.0, exclude: frozenset[str] = frozenset()) -> list[Problem]:
-    """`n` problems with distinct texts, none in `exclude`, drawn from `random.Random(seed)`."""
+                      instruction_share: float = 0.0, exclude: frozenset[str] = frozenset(),
+                      keep: Callable[[Problem], bool] | None = None) -> list[Problem]:
+    """`n` problems with distinct texts, none in `exclude`, drawn from `random.Random(seed)`; with `keep`, only the
+    problems it accepts (the others are drawn and dropped)."""
     rng = random.Random(seed)
     seen = set(exclude)
     problems: list[Problem] = []
@@ -386,10 +427,18 @@ def generate_problems(seed: int, n: int, difficulty: Difficulty = TRAIN_DIFFICUL
                             "widen the difficulty ranges or lower the split size.")
         style = "instructions" if rng.random() < instruction_share else "story"
         problem = generate_problem(rng, difficulty, style)
-        if problem.problem not in seen:
+        if problem.problem not in seen and (keep is None or keep(problem)):
             seen.add(problem.problem)
             problems.append(problem)
     return problems
+
+
+def multiplies_past_train(problem: Problem) -> bool:
+    """True when a step multiplies the count by more than any training row does (test-ood's defining step)."""
+    return any(s.kind == "scale" and s.amount > max(TRAIN_DIFFICULTY.factors) for s in problem.steps)
+
+
+SPLIT_KEEP: dict[str, Callable[[Problem], bool]] = {"test-ood": multiplies_past_train}
 
 
 @functools.lru_cache(maxsize=None)
@@ -397,12 +446,91 @@ def lab_problems(split: str) -> tuple[Problem, ...]:
     """The problems of one split (cached: every later call in the process is free)."""
     if split not in SPLIT_SIZES:
         raise UserError(f"unknown lab split {split!r}; use one of {', '.join(SPLIT_SIZES)}.")
-    if split in ("test", "test-hard"):
-        return tuple(generate_problems(SPLIT_SEEDS[split], SPLIT_SIZES[split], SPLIT_DIFFICULTY[split]))
-    # Training splits come last and skip every evaluation problem, so no test text is ever trained on.
-    held_out = frozenset(p.problem for s in ("test", "test-hard") for p in lab_problems(s))
+    if split in EVAL_SPLITS:
+        return tuple(generate_problems(SPLIT_SEEDS[split], SPLIT_SIZES[split], SPLIT_DIFFICULTY[split],
+                                       keep=SPLIT_KEEP.get(split)))
+    # Training splits come last and skip every evaluation problem, so no test text is ever trained on. (test-ood's
+    # texts cannot occur in them anyway: each multiplies by 6-9, which no training row does; skipping them is a
+    # no-op that keeps train and pretrain as they were before test-ood existed, tested by a hash of their rows.)
+    held_out = frozenset(p.problem for s in EVAL_SPLITS for p in lab_problems(s))
     share = PRETRAIN_INSTRUCTION_SHARE if split == "pretrain" else 0.0
     return tuple(generate_problems(SPLIT_SEEDS[split], SPLIT_SIZES[split], SPLIT_DIFFICULTY[split], share, held_out))
+
+
+# ----- misread solutions (the preference-hard layout) -----
+
+
+def _misread_field(step: Step) -> str:
+    """The number of a clause that a misreading changes: a group's size, else its amount or factor."""
+    return "size" if step.kind == "groups" else "amount"
+
+
+def _fits(step: Step) -> bool:
+    """A step whose numbers the generator could have written: amounts 1-9; a group's count and size, a factor 2-9."""
+    low = 1 if step.kind in ("add", "sub") else 2
+    return low <= step.amount <= 9 and (step.kind != "groups" or 2 <= step.size <= 9)
+
+
+def _misreadings(problem: Problem) -> list[tuple[int, tuple[Step, ...]]]:
+    """The problem as misread, (start, steps), most wanted first: the first valid one makes the rejected reply.
+
+    One step: its number read as the starting count, else as a neighbour (+-1, +-2). Two steps: the last clause read
+    twice, else the second clause's number read as the first clause's last number, else a neighbour. Three steps:
+    the middle clause's number read as the next clause's first, else its add / subtract swapped, else a neighbour.
+    Then, for a problem none of those fit, a neighbour or a swapped add / subtract of every clause in turn, and last
+    a neighbour of the starting count. Neighbours are tried in an order drawn from random.Random(problem text).
+    """
+    steps = problem.steps
+    order = [1, -1, 2, -2]
+    random.Random(problem.problem).shuffle(order)
+
+    def read_as(i: int, value: int) -> tuple[Step, ...]:
+        changed = replace(steps[i], **{_misread_field(steps[i]): value})
+        return steps[:i] + (changed,) + steps[i + 1:]
+
+    def neighbours(i: int) -> list[tuple[Step, ...]]:
+        value = getattr(steps[i], _misread_field(steps[i]))
+        return [read_as(i, value + offset) for offset in order]
+
+    def swapped(i: int) -> list[tuple[Step, ...]]:
+        kind = {"add": "sub", "sub": "add"}.get(steps[i].kind)
+        return [steps[:i] + (replace(steps[i], kind=kind),) + steps[i + 1:]] if kind else []
+
+    if len(steps) == 1:
+        wanted = [read_as(0, problem.start)] + neighbours(0)
+    elif len(steps) == 2:
+        first = steps[0]
+        wanted = [steps + (steps[1],), read_as(1, first.size if first.kind == "groups" else first.amount)]
+        wanted += neighbours(1)
+    else:
+        wanted = [read_as(1, steps[2].amount)] + swapped(1) + neighbours(1)
+    for i in range(len(steps)):
+        wanted += neighbours(i) + swapped(i)
+    return [(problem.start, w) for w in wanted] + [(problem.start + offset, steps) for offset in order]
+
+
+def misread_solution(problem: Problem) -> tuple[str, int, tuple[Step, ...]]:
+    """(the rejected reply of the preference-hard layout, the misread start and steps it solves).
+
+    A fluent, self-consistent solution of the problem as misread (`_misreadings`, first valid one): every line's
+    arithmetic is right and follows from the line before, only the reading is wrong, so the answer is wrong. Valid:
+    each misread number in the range the generator writes, every written number in 0..max_value, and an answer that
+    differs from the problem's. A pure function of the problem record.
+    """
+    cap = TRAIN_DIFFICULTY.max_value
+    for start, steps in _misreadings(problem):
+        if not all(_fits(s) for s in steps) or start < 1:
+            continue
+        values = [start]
+        for step in steps:
+            values.append(step.apply(values[-1]))
+        products = [s.amount * s.size for s in steps if s.kind == "groups"]
+        if min(values) < 0 or max(values + products) > cap or values[-1] == problem.answer:
+            continue
+        _, labels, opening = _render(problem.style, problem.name, problem.pronoun, problem.possessive, problem.noun,
+                                     start, steps)
+        return _solution(opening, labels, start, steps)[0], start, steps
+    raise UserError(f"no misreading of {problem.problem!r} changes its answer within 0..{cap}.")
 
 
 # ----- layouts and specs -----
@@ -423,6 +551,10 @@ def to_row(problem: Problem, layout: str, row_id: str) -> dict[str, Any]:
         row["prompt"] = _prompt_messages(problem)
         row["chosen"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.solution}]
         row["rejected"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.rejected_solution}]
+    elif layout == "preference-hard":
+        row["prompt"] = _prompt_messages(problem)
+        row["chosen"] = _prompt_messages(problem) + [{"role": "assistant", "content": problem.solution}]
+        row["rejected"] = _prompt_messages(problem) + [{"role": "assistant", "content": misread_solution(problem)[0]}]
     elif layout == "prompt":
         row["prompt"] = _prompt_messages(problem)
     else:
@@ -504,7 +636,8 @@ LAB_CHAT_TEMPLATE = (
 
 
 def _tokenizer_corpus() -> list[str]:
-    """The lab tokenizer's training text: each distinct line of every split's text rows once, plus the chat pieces.
+    """The lab tokenizer's training text: each distinct line of the text rows of TOKENIZER_SPLITS once, plus the chat
+    pieces.
 
     Distinct lines, not all rows: pre-tokenizing with Qwen2's regex runs at ~1 MB/s, and the rows repeat their
     lines heavily. The vocabulary saturates below LAB_MAX_VOCAB (every word of the corpus ends as one token), so
@@ -513,7 +646,7 @@ def _tokenizer_corpus() -> list[str]:
     names and the system prompt ('?' before <|im_end|> is a single byte). Sorted, because set order is not stable.
     """
     lines = {"system\n", "user\n", "assistant\n", LAB_SYSTEM}
-    for split in SPLIT_SIZES:
+    for split in TOKENIZER_SPLITS:
         for problem in lab_problems(split):
             lines.update((problem.problem + "\n" + problem.solution).splitlines(keepends=True))
     return sorted(lines)

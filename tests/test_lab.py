@@ -7,8 +7,10 @@ with the test's own operations and checking that the problem text states the rec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import re
 
 import pytest
@@ -16,7 +18,9 @@ import pytest
 from data import lab
 from data.lab import (
     LAB_SYSTEM,
+    OOD_DIFFICULTY,
     PRETRAIN_CHAT_EVERY,
+    SPLIT_SEEDS,
     chatml_transcript,
     LAB_TOKENIZER_DIR,
     LAYOUTS,
@@ -28,11 +32,24 @@ from data.lab import (
     is_lab_spec,
     lab_problems,
     load_lab,
+    misread_solution,
+    multiplies_past_train,
 )
 from data.tokenizer import load_tokenizer
 from model.errors import UserError
 
 SPLITS = tuple(SPLIT_SIZES)
+EVAL_SPLITS = ("test", "test-hard", "test-ood")
+# sha256 of the rows of the splits that existed before test-ood and preference-hard (every layout of train, test,
+# test-hard and pretrain, see _rows_digest), computed with the code before they were added: every number the
+# project has measured on the lab depends on these rows staying byte-identical.
+ROWS_SHA256 = "e6b75c1bc92517ccdc9d008af905c831a123d447715196548251190a90f95fbc"
+# The same for the data products added with them (see test_new_rows_are_the_measured_ones): every layout of test-ood,
+# and the preference-hard pairs of train and test. A change of either recipe changes the numbers measured on them
+# (the module docstring's points 6 and 7), so it must come with new measurements and a new digest.
+NEW_ROWS = ("lab:test-ood:text", "lab:test-ood:messages", "lab:test-ood:preference", "lab:test-ood:prompt",
+            "lab:test-ood:preference-hard", "lab:train:preference-hard", "lab:test:preference-hard")
+NEW_ROWS_SHA256 = "7408acf2247d1a5a6004c1a1ab72f67f2b5af0a300bce3a70fb99220743bac61"
 EQUATION = re.compile(r"(\d+) ([+\-x]) (\d+) = (\d+)")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
 
@@ -116,9 +133,61 @@ def test_split_sizes_and_disjoint_problem_texts():
         assert len(texts[split]) == SPLIT_SIZES[split]
         assert len(set(texts[split])) == len(texts[split]), f"{split} repeats a problem"
     for train_split in ("train", "pretrain"):
-        for eval_split in ("test", "test-hard"):
+        for eval_split in EVAL_SPLITS:
             assert not set(texts[train_split]) & set(texts[eval_split]), f"{eval_split} leaks into {train_split}"
-    assert not set(texts["test"]) & set(texts["test-hard"])
+    for a, b in (("test", "test-hard"), ("test", "test-ood"), ("test-hard", "test-ood")):
+        assert not set(texts[a]) & set(texts[b])
+
+
+def _rows_digest() -> str:
+    digest = hashlib.sha256()
+    for split in ("train", "test", "test-hard", "pretrain"):
+        for layout in ("text", "messages", "preference", "prompt"):
+            rows = load_lab(f"lab:{split}:{layout}")
+            digest.update(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def test_rows_of_the_first_splits_never_change():
+    # test-ood joined the texts train and pretrain skip; by construction none of its texts can occur in them
+    # (test_test_ood_is_out_of_distribution_in_its_multiplier_only), and this checks that nothing moved.
+    assert _rows_digest() == ROWS_SHA256
+
+
+def test_new_rows_are_the_measured_ones():
+    random.random()  # no global state: the misreadings draw from generators of their own
+    digest = hashlib.sha256()
+    for spec in NEW_ROWS:
+        digest.update(json.dumps(load_lab(spec), sort_keys=True, ensure_ascii=False).encode())
+    assert digest.hexdigest() == NEW_ROWS_SHA256
+
+
+def test_test_ood_is_out_of_distribution_in_its_multiplier_only():
+    ood = lab_problems("test-ood")
+    assert list(ood) == generate_problems(SPLIT_SEEDS["test-ood"], SPLIT_SIZES["test-ood"], OOD_DIFFICULTY,
+                                          keep=multiplies_past_train)
+    random.random()  # no global state
+    assert list(ood) == generate_problems(SPLIT_SEEDS["test-ood"], SPLIT_SIZES["test-ood"], OOD_DIFFICULTY,
+                                          keep=multiplies_past_train)
+    trained = lab_problems("train") + lab_problems("pretrain")
+
+    def factors(problems):
+        return {s.amount for p in problems for s in p.steps if s.kind == "scale"}
+
+    # What no training row has: a count multiplied by 6-9. Every test-ood problem has such a step, so none of its
+    # texts can be a training text, whatever the seeds.
+    assert factors(trained) == {2, 3, 4, 5}
+    assert all(multiplies_past_train(p) for p in ood) and not any(multiplies_past_train(p) for p in trained)
+    assert factors(ood) == {6, 7, 8, 9}
+    assert not {p.problem for p in ood} & {p.problem for p in trained}
+    # Everything else is train's: 1-3 steps, the story wording, amounts 1-9, group sizes 2-9, starts 1-99.
+    assert {p.n_steps for p in ood} == {1, 2, 3} and {p.style for p in ood} == {"story"}
+    for problem in ood:
+        assert 1 <= problem.start <= 99
+        for step in problem.steps:
+            assert 1 <= step.amount <= 9 and (step.kind != "groups" or 2 <= step.size <= 9)
+        # The answer, refolded from the record with this test's arithmetic, is the row's.
+        assert _fold_record(problem)[-1] == problem.answer == _check_solution(problem.solution)
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -216,13 +285,105 @@ def test_preference_rejected_carries_one_slip_to_a_wrong_answer(split):
         assert chosen.split("\n")[0] == rejected.split("\n")[0]
 
 
+def _misreading(problem: lab.Problem, start: int, steps: tuple) -> str:
+    """What the misread record changes: 'start', 'repeat' (the last clause twice), 'swap' (add <-> subtract of one
+    clause) or 'number' (one number of one clause); fails on anything else."""
+    if start != problem.start:
+        assert steps == problem.steps
+        return "start"
+    if len(steps) == problem.n_steps + 1:
+        assert steps == problem.steps + problem.steps[-1:]
+        return "repeat"
+    assert len(steps) == problem.n_steps
+    changed = [(a, b) for a, b in zip(problem.steps, steps) if a != b]
+    assert len(changed) == 1
+    (a, b), = changed
+    fields = [f for f in ("kind", "amount", "size", "phrase") if getattr(a, f) != getattr(b, f)]
+    assert fields in (["kind"], ["amount"], ["size"]), (a, b)
+    if fields == ["kind"]:
+        assert {a.kind, b.kind} == {"add", "sub"}
+        return "swap"
+    return "number"
+
+
+@pytest.mark.parametrize("split", ["train", "test", "test-hard", "test-ood"])
+def test_preference_hard_rejected_solves_a_misread_problem(split):
+    rows = load_lab(f"lab:{split}:preference-hard")
+    random.random()
+    assert rows == load_lab(f"lab:{split}:preference-hard")
+    kinds = {1: set(), 2: set(), 3: set()}
+    for row, problem in zip(rows, lab_problems(split)):
+        chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        assert row["chosen"][:-1] == row["rejected"][:-1] == row["prompt"]
+        assert chosen == problem.solution and extract_boxed(chosen) == row["answer"]
+        # The rejected reply is right line by line (true equations that chain into its boxed answer), and wrong.
+        wrong = _check_solution(rejected)
+        assert str(wrong) != row["answer"] and not answers_match(rejected, row["answer"])
+        assert _count_false_equations(rejected) == 0
+        assert max(int(n) for n in re.findall(r"\d+", rejected)) <= 99
+        # It is the solution of one misreading of the record: refolded with the test's own arithmetic, it ends at
+        # the rejected answer, and every number it reads is one the generator writes.
+        text, start, steps = misread_solution(problem)
+        assert text == rejected
+        kind = _misreading(problem, start, steps)
+        misread = lab.Problem(problem.style, problem.name, problem.pronoun, problem.possessive, problem.noun, start,
+                              steps, "", "", "", 0)
+        values = _fold_record(misread)
+        assert values[-1] == wrong and min(values) >= 0 and max(values) <= 99
+        for step in steps:
+            assert (1 if step.kind in ("add", "sub") else 2) <= step.amount <= 9
+            assert step.kind != "groups" or 2 <= step.size <= 9
+        if split != "test-hard":
+            kinds[problem.n_steps].add(kind)
+    if split != "test-hard":
+        assert "number" in kinds[1] and "repeat" in kinds[2] and "number" in kinds[3]
+        assert "repeat" not in kinds[1] | kinds[3]
+
+
+def _fits(problem: lab.Problem, start: int, steps: tuple) -> bool:
+    """A misreading the generator's ranges allow, whose every written number is in 0..99, with another answer."""
+    for step in steps:
+        if not (1 if step.kind in ("add", "sub") else 2) <= step.amount <= 9:
+            return False
+        if step.kind == "groups" and not (2 <= step.size <= 9 and step.amount * step.size <= 99):
+            return False
+    misread = lab.Problem(problem.style, problem.name, problem.pronoun, problem.possessive, problem.noun, start,
+                          steps, "", "", "", 0)
+    values = _fold_record(misread)
+    return min(values) >= 0 and max(values) <= 99 and values[-1] != problem.answer
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_preference_hard_takes_the_documented_misreading_first(split):
+    # One step: its number (a group's size, else the amount or factor) read as the starting count. Two steps: the
+    # last clause read twice. Three steps: the middle clause's number read as the next clause's first number.
+    from dataclasses import replace
+
+    used = 0
+    for problem in lab_problems(split):
+        steps = problem.steps
+        field = "size" if steps[min(1, len(steps) - 1)].kind == "groups" else "amount"
+        if len(steps) == 1:
+            first = (replace(steps[0], **{field: problem.start}),)
+        elif len(steps) == 2:
+            first = steps + steps[-1:]
+        else:
+            first = (steps[0], replace(steps[1], **{field: steps[2].amount}), steps[2])
+        if first != steps and _fits(problem, problem.start, first):
+            assert misread_solution(problem)[1:] == (problem.start, first), problem.problem
+            used += 1
+    assert used > SPLIT_SIZES[split] // 2  # the first choice is the usual one
+
+
 def test_spec_names():
     assert is_lab_spec("lab") and is_lab_spec("lab:test-hard:prompt")
     assert not is_lab_spec("labels.jsonl") and not is_lab_spec("data/lab") and not is_lab_spec("my/lab")
-    with pytest.raises(UserError, match="train, test, test-hard, pretrain"):
+    with pytest.raises(UserError, match="train, test, test-hard, test-ood, pretrain"):
         load_lab("lab:validation")
-    with pytest.raises(UserError, match="messages, text, preference, prompt"):
+    with pytest.raises(UserError, match="messages, text, preference, prompt, preference-hard"):
         load_lab("lab:test:chat")
+    assert load_lab("lab:preference-hard") == load_lab("lab:train:preference-hard")
+    assert load_lab("lab:test-ood") == load_lab("lab:test-ood:messages")
     for bad in ("lab:", "lab:test:messages:x", "lab::text"):
         with pytest.raises(UserError):
             load_lab(bad)
@@ -420,6 +581,14 @@ def test_cli_show_and_export(tmp_path, capsys):
             lab.main(argv)
         assert e.value.code == 2
         assert f"error: argument {flag}: " in capsys.readouterr().err.splitlines()[-1]
+    # The new split and layout are choices of both commands.
+    assert lab.main(["show", "--split", "test-ood", "--layout", "preference-hard", "--n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "lab-test-ood-00000" in shown and "[rejected / assistant]" in shown and "times as many" in shown
+    assert lab.main(["export", "--split", "test-ood", "--layout", "prompt", "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == load_lab("lab:test-ood:prompt")
+    assert lab.main(["export", "--split", "test", "--layout", "preference-hard", "--out", str(out)]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == load_lab("lab:test:preference-hard")
     export_dir = tmp_path / "missing"
     assert lab.main(["export", "--split", "test", "--out", str(export_dir / "x.jsonl")]) == 2
     assert f"output directory {export_dir} does not exist" in capsys.readouterr().err
