@@ -1,6 +1,6 @@
 """Offline versus online RL from the same SFT model, on the lab: paper 001's Table 3 in small.
 
-    python experiments/offline_vs_online.py                  # 3 seeds x (RFT, DFT, DPO, GRPO) on 2 CPU cores
+    python experiments/offline_vs_online.py                  # 3 seeds x (RFT, DFT, iw-SFT, DPO, GRPO) on 2 CPU cores
     python experiments/offline_vs_online.py --quick          # the whole pipeline on a tiny budget (the tests run it)
 
 Paper 001 (DFT, Sec. 4.2 and Table 3) trains from one model on rejection-sampled data (offline) and against online
@@ -17,10 +17,12 @@ RL (PPO, GRPO), and scores avg@16 at temperature 1.0. Here, from one lab SFT mod
   3. Per seed, from the SFT model:
        RFT    train.py --loss sft  on sft.jsonl       (rejection-sampling fine-tuning)
        DFT    train.py --loss dft  on sft.jsonl       (paper 001's offline row)
+       iw-SFT train.py --loss iw_sft on sft.jsonl     (its reference, the SFT model, generated the data: Table 3's row)
        DPO    train.py --loss dpo  on pairs.jsonl     (reference: the SFT model, beta --beta)
        GRPO   train.py --loss grpo on lab:train:prompt (online: its lab defaults, accuracy reward)
   4. Every final checkpoint and the SFT model: avg@k and pass@k at temperature 1.0, greedy accuracy, and the mean
-     length of the sampled completions, on the first --eval-limit problems of lab:test and lab:test-hard.
+     length of the sampled completions, on the first --eval-limit problems of lab:test, lab:test-hard and
+     lab:test-ood.
 
 Writes to --out:
   results.md / results.json   the table, mean +- std over seeds
@@ -49,7 +51,8 @@ from cli import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, Ra
 from model import UserError  # noqa: E402
 
 METHODS = {"rft": "RFT (SFT on rejection samples)", "dft": "DFT on rejection samples",
-           "dpo": "DPO on rejection-sampled pairs", "grpo": "GRPO (online)"}
+           "iw_sft": "iw-SFT on rejection samples", "dpo": "DPO on rejection-sampled pairs", "grpo": "GRPO (online)"}
+SPLITS = ("test", "test-hard", "test-ood")  # held-out: in distribution, longer chains, out of distribution
 SMOOTH = 5  # GRPO's curves: moving average over this many steps
 
 
@@ -96,7 +99,7 @@ def train_run(method: str, model: str, seed: int, args, out: Path) -> Path:
 def score(model: str, args, out: Path, tag: str) -> dict:
     """avg@k / pass@k at temperature 1.0, greedy accuracy and mean sampled length on both held-out splits."""
     scores, lengths = {}, {}
-    for split in ("test", "test-hard"):
+    for split in SPLITS:
         for k, temperature in ((args.k, 1.0), (1, 0.0)):
             path = out / f"eval_{tag}_{split}_{'greedy' if temperature == 0 else f'k{k}'}.json"
             ev = evaluation.parse_args(["--metric", "accuracy", "--model", model, "--data", f"lab:{split}:prompt",
@@ -111,7 +114,7 @@ def score(model: str, args, out: Path, tag: str) -> dict:
             scores[f"{split} pass@{k}"] = result[f"pass@{k}"]
             samples = [json.loads(line) for line in Path(ev.samples_out).read_text().splitlines()]
             lengths[f"{split} length"] = float(np.mean([s["tokens"] for s in samples]))
-    return {key: scores[key] for split in ("test", "test-hard")  # columns: accuracies, then the sampled length
+    return {key: scores[key] for split in SPLITS  # columns: accuracies, then the sampled length
             for key in (f"{split} avg@{args.k}", f"{split} pass@{args.k}", f"{split} greedy")} | lengths
 
 
@@ -132,12 +135,12 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
     if "grpo" in curves:
         band(axes[0], [r["reward"] for r in curves["grpo"]], "GRPO", window)
         band(axes[1], [r["completion_len"] for r in curves["grpo"]], "GRPO", window)
-    for method in ("rft", "dft", "dpo"):
+    for method in ("rft", "dft", "iw_sft", "dpo"):
         if method in curves:
             band(axes[2], [r["loss"] for r in curves[method]], METHODS[method])
     axes[0].set_title(f"GRPO: reward (accuracy) of the rollouts, mean of {window} steps", fontsize=9)
     axes[1].set_title(f"GRPO: mean completion length (tokens), mean of {window} steps", fontsize=9)
-    axes[2].set_title("offline: each one's own loss\n(RFT: NLL; DFT: p-weighted NLL; DPO: -log sigmoid)", fontsize=9)
+    axes[2].set_title("offline: each one's own loss\n(RFT: NLL; DFT: p-weighted NLL; iw-SFT: weighted NLL; DPO: -log sigmoid)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

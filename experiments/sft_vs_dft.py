@@ -1,11 +1,12 @@
-"""SFT vs DFT vs MinorSFT on the lab, as the DFT paper compares SFT and DFT on math (avg@k at temperature 1.0).
+"""SFT vs DFT vs MinorSFT vs iw-SFT on the lab, as the DFT paper compares them on math (avg@k at temperature 1.0).
 
-    python experiments/sft_vs_dft.py                      # 3 objectives x 3 seeds, ~17 min on 2 CPU cores
+    python experiments/sft_vs_dft.py                      # 4 objectives x 3 seeds
     python experiments/sft_vs_dft.py --quick              # a smoke run of the whole pipeline in about a minute
 
 From the same lab base model, each objective trains with the same budget, data, learning rate and seeds; each final
-checkpoint is then scored by avg@k and pass@k on the in-distribution test split and on test-hard (more steps than
-any training problem: the generalisation the DFT paper claims). Writes to --out:
+checkpoint is then scored by avg@k and pass@k on the in-distribution test split, on test-hard (4-5 steps, more than
+any training problem) and on test-ood (data/lab.py: problems outside the training distribution with headroom): the
+generalisation the DFT paper claims for DFT over SFT, and its Table 2's comparison with iw-SFT. Writes to --out:
   results.md / results.json   the table, mean +- std over seeds
   curves.png                  loss (the plain NLL, comparable across objectives) and grad norm per step
   token_probs.json / .png     the DFT paper's Figure 2: p(target token) over the training answers, for the base
@@ -33,6 +34,10 @@ from losses import LOSSES  # noqa: E402
 from model import UserError  # noqa: E402
 
 
+# The held-out splits each run is scored on: in distribution, longer chains (4-5 steps), out of distribution.
+SPLITS = ("test", "test-hard", "test-ood")
+
+
 def run_one(loss: str, seed: int, args, out: Path) -> dict:
     run_dir = out / f"{loss}_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the experiment's own run from an earlier invocation: train afresh
@@ -47,7 +52,7 @@ def run_one(loss: str, seed: int, args, out: Path) -> dict:
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     if evals:
         scores["held-out NLL"] = evals[-1]["eval_nll"]
-    for split in ("test", "test-hard"):
+    for split in SPLITS:
         ev = evaluation.parse_args(["--metric", "accuracy", "--model", str(run_dir / "final"),
                                     "--data", f"lab:{split}:prompt", "--k", str(args.k),
                                     "--temperature", str(args.temperature), "--seed", str(seed),
@@ -62,7 +67,7 @@ def run_one(loss: str, seed: int, args, out: Path) -> dict:
 
 def base_scores(args, out: Path) -> dict:
     scores = {}
-    for split in ("test", "test-hard"):
+    for split in SPLITS:
         ev = evaluation.parse_args(["--metric", "accuracy", "--model", "lab", "--data", f"lab:{split}:prompt",
                                     "--k", str(args.k), "--temperature", str(args.temperature),
                                     "--max-new-tokens", str(args.max_new_tokens), "--out", str(out / f"base_eval_{split}.json")]
@@ -103,7 +108,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> bool:
 
 def build_parser() -> Parser:
     ap = Parser(description=__doc__)
-    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft"], choices=sorted(LOSSES),
+    ap.add_argument("--losses", nargs="+", default=["sft", "dft", "minor_sft", "iw_sft"], choices=sorted(LOSSES),
                     help="objectives to compare")
     ap.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2], help="one run per objective and seed")
     ap.add_argument("--steps", type=POSITIVE_INT, default=100, help="optimizer steps per run (16 examples each)")

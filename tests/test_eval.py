@@ -184,12 +184,13 @@ def test_sft_vs_dft_experiment_quick_run(tmp_path: Path):
     r = run_cli(str(REPO_ROOT / "experiments/sft_vs_dft.py"), "--quick", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())["results"]
-    assert set(results) == {"base (no fine-tuning)", "sft", "dft", "minor_sft"}
+    assert set(results) == {"base (no fine-tuning)", "sft", "dft", "minor_sft", "iw_sft"}
     for name, scores in results.items():
-        for column in ("test avg@2", "test-hard avg@2", "test pass@2", "test-hard pass@2"):
+        for column in ("test avg@2", "test-hard avg@2", "test-ood avg@2", "test pass@2", "test-hard pass@2",
+                       "test-ood pass@2"):
             assert 0.0 <= scores[column]["mean"] <= 1.0
     table = (out / "results.md").read_text()
-    assert "| dft |" in table and "test-hard avg@2" in table
-    for loss in ("sft", "dft", "minor_sft"):
+    assert "| dft |" in table and "| iw_sft |" in table and "test-ood avg@2" in table
+    for loss in ("sft", "dft", "minor_sft", "iw_sft"):
         rows = [json.loads(line) for line in (out / f"{loss}_seed0" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if not r.get("eval")] == [1, 2, 3]

@@ -255,7 +255,7 @@ def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path, 
 
 def test_offline_vs_online_quick_run(tmp_path: Path):
     """The experiment's whole pipeline on a tiny budget: an SFT model, rejection samples from it, RFT/DFT/DPO on
-    them and GRPO online, each scored on both held-out splits."""
+    them and GRPO online, each scored on the three held-out splits."""
     out = tmp_path / "exp"
     r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments/offline_vs_online.py"), "--quick",
                         "--rs-problems", "24", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
@@ -263,15 +263,16 @@ def test_offline_vs_online_quick_run(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())
     results, stats = summary["results"], summary["rejection_sampling"]
-    assert list(results) == ["sft", "rft", "dft", "dpo", "grpo"]
+    assert list(results) == ["sft", "rft", "dft", "iw_sft", "dpo", "grpo"]
     assert stats["completions"] == 24 * 2 and stats["sft_rows"] >= 1 and stats["pair_rows"] >= 1
     for scores in results.values():
-        for column in ("test avg@2", "test pass@2", "test greedy", "test-hard avg@2", "test-hard greedy"):
+        for column in ("test avg@2", "test pass@2", "test greedy", "test-hard avg@2", "test-hard greedy",
+                       "test-ood avg@2", "test-ood greedy"):
             assert 0.0 <= scores[column]["mean"] <= 1.0
         assert 1 <= scores["test length"]["mean"] <= 64
     sft_rows = (out / "rs" / "sft.jsonl").read_text().splitlines()
     assert len(sft_rows) == stats["sft_rows"]
-    for method, data in (("rft", "sft.jsonl"), ("dft", "sft.jsonl"), ("dpo", "pairs.jsonl")):
+    for method, data in (("rft", "sft.jsonl"), ("dft", "sft.jsonl"), ("iw_sft", "sft.jsonl"), ("dpo", "pairs.jsonl")):
         args = json.loads((out / f"{method}_seed0" / "final" / "args.json").read_text())
         assert args["data"].endswith(data) and args["model"].endswith("sft/final")
     grpo = [json.loads(line) for line in (out / "grpo_seed0" / "metrics.jsonl").read_text().splitlines()]
