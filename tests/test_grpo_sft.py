@@ -207,15 +207,3 @@ def test_a_run_is_exact_under_accumulation(tiny_lab_model, tmp_path, digits_rewa
         assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--loss", "sft", "--sft-data", "lab"], "argument --sft-data: applies only to --loss grpo"),
-    (["--sft-coef", "0.5"], "argument --sft-coef: weighs the demonstrations of --sft-data"),
-    (["--sft-data", "lab", "--sft-coef", "-1"], "argument --sft-coef: -1 is out of range"),
-])
-def test_bad_hybrid_flags_end_in_one_sentence(tiny_lab_model, tmp_path, extra, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(flags(tiny_lab_model, tmp_path / "x", *extra))
-    assert exit_info.value.code == 2
-    text = capsys.readouterr().err.strip()
-    assert text.startswith("error: ") and message in text and "\n" not in text
-    assert not (tmp_path / "x").exists()
