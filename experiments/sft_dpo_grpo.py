@@ -2,6 +2,7 @@
 
     python experiments/sft_dpo_grpo.py --reward-model runs/lab_reward_model/rm/final   # 5 rows x 3 seeds
     python experiments/sft_dpo_grpo.py --quick                                          # the pipeline, tiny budget
+    python experiments/sft_dpo_grpo.py --reward-model ... --resume   # keep the seeds results.json already has
 
 Paper 004 ("Leveraging RL to Improve LLM Response Generation", Table 1) starts every method from its SFT model and
 judges each by its win rate against a reference as a reward model scores them, BLEU-1/2/4 against the reference
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-limit", type=POSITIVE_INT, default=None, help="held-out problems (default: all 200)")
     ap.add_argument("--out", type=output_dir, default="runs/sft_dpo_grpo", help="output directory")
     ap.add_argument("--quick", action="store_true", help="1 seed, 3 steps per row, 4 problems: checks the pipeline")
+    ap.add_argument("--resume", action="store_true", help="keep the seeds that --out's results.json already holds "
+                    "(written by a run with the same settings) and train only the others")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
@@ -160,7 +163,15 @@ def main(argv: list[str] | None = None) -> None:
         load_reward_model(args.reward_model)  # not a reward model: one sentence now, before any training
         table: dict[str, list[dict]] = {name: [] for name in ROWS}
         curves: dict[str, list[dict]] = {name: [] for name in ROWS}
+        done, earlier_seconds = finished_seeds(args, out) if args.resume else ({}, 0.0)
+        start -= earlier_seconds
         for seed in args.seeds:
+            if seed in done:
+                print(f"== seed {seed}: kept from {out / 'results.json'} ==", flush=True)
+                for name in ROWS:
+                    table[name].append(done[seed][name])
+                    curves[name].append(curves_of(name, out / f"{name}_seed{seed}"))
+                continue
             models = {}
             for name in ROWS:
                 print(f"== seed {seed}: {ROWS[name]} ==", flush=True)
@@ -175,10 +186,35 @@ def main(argv: list[str] | None = None) -> None:
     print((out / "results.md").read_text())
 
 
+SETTINGS_OF_A_SEED = ("seeds", "out", "quick", "resume")  # the settings a kept seed may differ in
+
+
+def finished_seeds(args, out: Path) -> tuple[dict[int, dict[str, dict]], float]:
+    """The scores of each seed an earlier run with the same settings finished, and that run's seconds."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}, 0.0
+    earlier = json.loads(path.read_text())
+    now = {k: v for k, v in vars(args).items() if k not in SETTINGS_OF_A_SEED}
+    for key, value in now.items():
+        if earlier["settings"].get(key) != value:
+            raise UserError(f"--resume: {path} was written with {key} = {earlier['settings'].get(key)!r}, this run "
+                            f"has {value!r}; run with the same settings or drop --resume to start afresh.")
+    done = {}
+    for i, seed in enumerate(earlier["seeds_done"]):
+        done[seed] = {name: {column: earlier["results"][name][column]["runs"][i] for column in COLUMNS}
+                      for name in ROWS}
+        missing = [name for name in ROWS if not (out / f"{name}_seed{seed}" / "metrics.jsonl").exists()]
+        if missing:
+            raise UserError(f"--resume: {path} lists seed {seed}, but {out / f'{missing[0]}_seed{seed}'} has no "
+                            "metrics.jsonl; drop --resume to train every seed afresh.")
+    return done, float(earlier.get("seconds", 0.0))
+
+
 def write_results(table: dict[str, list[dict]], curves: dict[str, list[dict]], args, out: Path,
                   seconds: float) -> None:
     """results.md / results.json (mean +- std over the seeds done so far) and curves.png."""
-    seeds = args.seeds[:len(table["sft"])]
+    seeds = args.seeds[:len(table["sft"])]  # kept and new seeds come in --seeds order
     lines = [f"lab base -> SFT ({args.sft_steps} steps) -> each row; sft_length {args.length_steps} steps lr "
              f"{args.length_lr} lambda {args.length_coef}; DPO {args.dpo_steps} steps lr {args.dpo_lr} beta 0.1; "
              f"GRPO {args.grpo_steps} steps (the lab's defaults); reward model {args.reward_model}; seeds "
@@ -197,7 +233,8 @@ def write_results(table: dict[str, list[dict]], curves: dict[str, list[dict]], a
         lines.append(f"| {ROWS[name]} | " + " | ".join(cells) + " |")
     lines += ["", f"Total time: {seconds / 60:.1f} min."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "seeds_done": seeds, "results": summary},
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "seeds_done": seeds, "seconds": seconds,
+                                                 "results": summary},
                                                  indent=2) + "\n")
     plot({k: v for k, v in curves.items() if k != "sft"}, out / "curves.png")
 

@@ -106,3 +106,19 @@ def test_paper_004_table_quick_run(tmp_path: Path):
         assert row["reward"] == pytest.approx(row["reward_model"])
         assert 0.0 <= row["accuracy"] <= 1.0
     assert "| GRPO, reward model |" in (out / "results.md").read_text()
+
+    # --resume keeps the seeds results.json holds (nothing trained again) and refuses other settings
+    def again(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "experiments/sft_dpo_grpo.py"), "--quick", "--out",
+                               str(out), "--reward-model", str(out / "reward_model" / "rm" / "final"), *flags],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "POSTTRAIN_CACHE": str(tmp_path / "cache")})
+    trained = (out / "grpo_rm_seed0" / "metrics.jsonl").stat().st_mtime_ns
+    r = again("--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seed 0: kept from" in r.stdout
+    assert (out / "grpo_rm_seed0" / "metrics.jsonl").stat().st_mtime_ns == trained
+    assert json.loads((out / "results.json").read_text())["results"] == results
+    r = again("--resume", "--dpo-lr", "0.001")
+    assert r.returncode != 0 and "dpo_lr = 0.0001" in r.stderr and "drop --resume" in r.stderr
+    assert json.loads((out / "results.json").read_text())["results"] == results
