@@ -10,7 +10,10 @@ for backward. Instead, the kernel walks the tokens in chunks:
 
 so the extra memory is O(chunk x V) whatever the number of tokens, at the price of one more matmul per chunk in
 backward (the same recomputation trade as Liger-Kernel's and TRL's chunked losses). Positions with loss mask 0 are
-dropped before the matmul: prompt tokens cost no LM-head FLOPs at all.
+dropped before the matmul: prompt tokens cost no LM-head FLOPs at all. One chunk's (n, V) buffer is alive at a
+time (each is freed before the next is allocated). When the LM head shares its weight with the embedding (Qwen2.5
+up to 3B), grad_W is summed with the embedding's rows in one buffer (model.qwen2.TiedGradient) rather than autograd
+adding two (V, C) gradients: bench/memory_breakdown.py shows what that saves at the step's memory peak.
 
 Optionally the kernel also returns each position's entropy H = -sum_v softmax(z)_v log softmax(z)_v (a metric of
 the DFT paper), with its gradient dH/dz = -softmax(z) * (log softmax(z) + H).
@@ -20,13 +23,15 @@ from __future__ import annotations
 
 import torch
 
+from model.qwen2 import TiedGradient
+
 DEFAULT_CHUNK = 512
 
 
 class ChunkedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                with_entropy: bool):
+                with_entropy: bool, tied_grad=None):
         # hidden (N, C), weight (V, C) in the compute dtype; targets (N,) long.
         w = weight.to(hidden.dtype)
         n = hidden.shape[0]
@@ -42,9 +47,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             if with_entropy:
                 logp = z.sub_(lse[s:e, None])  # (n, V) in place: z is not needed past the gather above
                 # -sum p log p, not lse - sum p z: the latter cancels two numbers of the size of the logits (~lse).
-                entropy[s:e] = -(logp.exp() * logp).sum(-1)
+                entropy[s:e] = -logp.exp().mul_(logp).sum(-1)
+                del logp
+            del z  # freed before the next chunk's (n, V) product is allocated: one chunk buffer alive, not two
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.chunk_size, ctx.with_entropy = chunk_size, with_entropy
+        ctx.chunk_size, ctx.with_entropy, ctx.tied_grad = chunk_size, with_entropy, tied_grad
         return (logps, entropy) if with_entropy else logps
 
     @staticmethod
@@ -54,7 +61,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         w = weight.to(hidden.dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         math = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=math, device=weight.device) if need_w else None
+        tied = ctx.tied_grad  # a weight shared with the embedding: its gradient is summed in the model's buffer
+        grad_w = None
+        if need_w:
+            grad_w = tied.grad if tied is not None and tied.grad is not None else \
+                torch.zeros(weight.shape, dtype=math, device=weight.device)
         n = hidden.shape[0]
         rows = torch.arange(min(ctx.chunk_size, n), device=hidden.device)
         for s in range(0, n, ctx.chunk_size):
@@ -66,6 +77,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 p = logp.exp()  # (n, V)
                 # dz = -p * (g + g_H * (log p + H)), then + g at the target
                 dz = p.mul_(logp.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None].to(math)).add_(g)).neg_()
+                del p
             else:
                 dz = logp.exp_().mul_(-g)  # (n, V) d logp_target / d z = onehot(target) - p
             dz[rows[: e - s], targets[s:e]] += g[:, 0]
@@ -76,29 +88,38 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 grad_w.addmm_(dz.T, hidden[s:e])  # (V, C), accumulated without a (V, C) temporary
             elif need_w:
                 grad_w += (dz.T @ hidden[s:e]).to(math)  # bf16/fp16 products, accumulated in fp32
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+            del z, logp, dz  # as in forward: the next chunk's buffer is allocated only after this one is freed
+        if need_w and tied is not None:
+            tied.grad = grad_w  # the embedding's backward adds its rows and returns the sum (model/qwen2.py)
+            return grad_h, None, None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
+                   chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False, tied_grad=None):
     """log softmax(hidden @ weight.T)[target] per row, in fp32, chunk by chunk. hidden (N, C), weight (V, C),
-    targets (N,) -> (N,), or ((N,), (N,)) with the entropy."""
+    targets (N,) -> (N,), or ((N,), (N,)) with the entropy. `tied_grad`: the model.qwen2.TiedGradient of the
+    forward that made `hidden`, when the weight is also its embedding; the weight's gradient then goes there."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # the LM-head matmul runs in the autocast dtype, its softmax in fp32
         hidden = hidden.to(torch.get_autocast_dtype(device_type))
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32) + 0 * hidden.sum() + 0 * weight.sum()
         return (empty, empty.clone()) if with_entropy else empty
-    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, with_entropy)
+    if tied_grad is not None and not tied_grad.used:  # the forward did not route its embedding through it
+        tied_grad = None
+    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, with_entropy, tied_grad)
 
 
 def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
     """Run the decoder on a collated batch and return per-token log-probs of its targets, (B, T) fp32, zero where
     loss_mask is 0 (and the entropy, (B, T), if asked). Only masked-in positions reach the LM head."""
+    tied = TiedGradient()  # one gradient buffer for a tied embedding / LM head (used only if the model ties them)
     hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                   document_ids=batch.get("document_ids"), return_hidden=True)  # (B, T, C)
+                   document_ids=batch.get("document_ids"), return_hidden=True, tied_grad=tied)  # (B, T, C)
     keep = batch["loss_mask"].bool()  # (B, T)
-    out = token_logprobs(hidden[keep], model.lm_head.weight, batch["target_ids"][keep], chunk_size, with_entropy)
+    out = token_logprobs(hidden[keep], model.lm_head.weight, batch["target_ids"][keep], chunk_size, with_entropy,
+                         tied)
     logps, entropy = out if with_entropy else (out, None)
     full = torch.zeros(keep.shape, dtype=logps.dtype, device=hidden.device)
     logps = full.masked_scatter(keep, logps)  # (B, T)

@@ -234,6 +234,46 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class TiedGradient:
+    """The gradient of a weight shared by the embedding and the LM head, built in one (V, C) buffer per forward.
+
+    Autograd would give the tied matrix two (V, C) gradients, the LM head's (dense: every row gets softmax mass) and
+    the embedding's (zero but for the rows of the batch's tokens, yet allocated whole by the dense embedding
+    backward), and add them: three (V, C) buffers alive at once at the end of backward, where the step's memory
+    peaks. With a TiedGradient passed to the forward, the log-prob kernel (losses/logprobs.py) accumulates the LM
+    head's gradient here instead of returning it, and the embedding's backward (TiedEmbedding, which always runs
+    after it: the embedding comes first in the forward) adds its rows into the same buffer and hands the sum to
+    autograd as the weight's one gradient. The numbers are the same up to float summation order. One per forward:
+    whatever a half-run backward leaves here is dropped with it."""
+
+    def __init__(self) -> None:
+        self.grad: torch.Tensor | None = None  # (V, C) fp32 (the kernel's math dtype), the sum so far
+        self.used = False  # set by TiedEmbedding: only then may the kernel leave its gradient here
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """F.embedding whose backward adds its rows into the TiedGradient buffer (see there)."""
+
+    @staticmethod
+    def forward(ctx, input_ids: torch.Tensor, weight: torch.Tensor, tied: TiedGradient) -> torch.Tensor:
+        tied.used = True
+        ctx.save_for_backward(input_ids)
+        ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
+        return F.embedding(input_ids, weight)  # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (input_ids,) = ctx.saved_tensors
+        tied = ctx.tied
+        grad = tied.grad if tied.grad is not None else torch.zeros(ctx.weight_shape, dtype=torch.float32,
+                                                                   device=grad_out.device)
+        tied.grad = None
+        # index_put_ with accumulate: a deterministic sum over repeated tokens on CPU and CUDA (index_add_ is not on
+        # CUDA), each row added in place, no (V, C) temporary.
+        grad.index_put_((input_ids.reshape(-1),), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype), accumulate=True)
+        return None, grad.to(ctx.weight_dtype), None
+
+
 class Qwen2Model(nn.Module):
     """The decoder body every head shares: embedding, rotary angles, attention mask, layers, final norm."""
 
@@ -257,15 +297,21 @@ class Qwen2Model(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         checkpointing: bool = False,
+        tied_grad: TiedGradient | None = None,
     ) -> torch.Tensor:
         """The final normed hidden states (B, T, C), or (B, 1, C) with `last_only` (the norm then runs on the last
         position only). `checkpointing` recomputes each layer in backward (the heads pass their
-        `gradient_checkpointing` flag, in training with grad enabled)."""
+        `gradient_checkpointing` flag, in training with grad enabled). `tied_grad`: see TiedGradient (the causal-LM
+        head passes it only when its LM head shares the embedding's weight)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+        weight = self.embed_tokens.weight
+        if tied_grad is not None and torch.is_grad_enabled() and weight.requires_grad:
+            x = TiedEmbedding.apply(input_ids, weight, tied_grad)  # (B, T, C)
+        else:
+            x = self.embed_tokens(input_ids)  # (B, T, C)
         if cache is not None:  # positions count real tokens, so they stay below the cache's columns
             if cache.rotary is None:
                 cache.rotary = RotaryTable(cache.max_len, self.config.head_dim, self.config.rope_theta, x.dtype,
@@ -352,15 +398,20 @@ class Qwen2ForCausalLM(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         last_only: bool = False,
+        tied_grad: TiedGradient | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V), or the final normed hidden states (B, T, C) with `return_hidden`.
 
         `last_only` keeps only the last position before the LM head (prefill during generation).
         With no attention_mask and no document_ids, attention is plain causal: right padding needs no mask,
-        since real tokens never attend to the pad tokens after them.
+        since real tokens never attend to the pad tokens after them. `tied_grad` (with `return_hidden`, for the
+        log-prob kernel): see TiedGradient; ignored unless the LM head and the embedding share their weight.
         """
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        x = self.model(input_ids, position_ids, attention_mask, document_ids, cache, last_only, checkpointing)
+        if self.lm_head.weight is not self.model.embed_tokens.weight or not return_hidden:
+            tied_grad = None
+        x = self.model(input_ids, position_ids, attention_mask, document_ids, cache, last_only, checkpointing,
+                       tied_grad)
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
 

@@ -378,3 +378,60 @@ def test_peak_memory_is_far_below_full_logits():
     logits_mib = 2048 * 32000 * 4 / 2**20  # 250
     assert naive_mib > 0.95 * logits_mib, f"the probe did not see the naive logits ({naive_mib:.0f} MiB)"
     assert kernel_mib < logits_mib / 3, f"kernel peak {kernel_mib:.0f} MiB vs {logits_mib:.0f} MiB of logits"
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tied_weight_gradient_equals_autograd_sum(tiny_qwen2: Path, with_entropy: bool, checkpointing: bool):
+    """A tied embedding / LM head: sequence_logprobs sums the weight's two gradients in one buffer (TiedGradient);
+    every parameter's gradient equals plain autograd through the full logits, over two backward passes into the same
+    .grad (gradient accumulation). Untied models take the plain path and must agree the same way."""
+    model = load_model(tiny_qwen2, torch.float32, "cpu")[0]
+    model.train()
+    model.gradient_checkpointing = checkpointing
+    batch = collate(make_examples(**EXAMPLES), PAD)
+    upstream = torch.randn(batch["loss_mask"].shape, generator=torch.Generator().manual_seed(1))
+
+    def ours() -> torch.Tensor:
+        out = sequence_logprobs(model, batch, chunk_size=3, with_entropy=with_entropy)
+        logps, entropy = out if with_entropy else (out, torch.zeros(()))
+        return (logps * upstream).sum() + 0.3 * entropy.sum()
+
+    def plain() -> torch.Tensor:
+        logits = model(batch["input_ids"]).float()
+        logp_all = torch.log_softmax(logits, -1)
+        logps = logp_all.gather(2, batch["target_ids"][..., None]).squeeze(2) * batch["loss_mask"]
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch["loss_mask"] if with_entropy else torch.zeros(())
+        return (logps * upstream).sum() + 0.3 * entropy.sum()
+
+    grads = {}
+    for name, loss in (("ours", ours), ("plain", plain)):
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        loss().backward()  # a second micro-batch adds into the existing .grad
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == model.config.tie_word_embeddings
+    for n, reference in grads["plain"].items():  # float32 sums of gradients of size ~10: a relative tolerance
+        assert_close(grads["ours"][n], reference, TOL * max(1.0, reference.abs().max().item()), n)
+
+
+def test_tied_gradient_buffer_is_used_only_when_tied(tiny_qwen2: Path):
+    """The buffer is taken by the tied model's trained forward alone: not without grad, not for a frozen embedding,
+    not by an untied model; and it is empty once backward is done."""
+    from model.qwen2 import TiedGradient
+
+    model = load_model(tiny_qwen2, torch.float32, "cpu")[0]
+    batch = collate(make_examples(**EXAMPLES), PAD)
+    tied = TiedGradient()
+    with torch.no_grad():
+        model(batch["input_ids"], return_hidden=True, tied_grad=tied)
+    assert not tied.used
+    hidden = model(batch["input_ids"], return_hidden=True, tied_grad=tied)
+    assert tied.used == model.config.tie_word_embeddings
+    hidden.sum().backward()
+    assert tied.grad is None
+    model.model.embed_tokens.weight.requires_grad_(False)
+    frozen = TiedGradient()
+    model(batch["input_ids"], return_hidden=True, tied_grad=frozen)
+    assert not frozen.used
