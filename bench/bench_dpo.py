@@ -4,21 +4,27 @@
                                          # venv made with --system-site-packages, then run this file with its python
     python bench/bench_dpo.py            # Qwen2.5-0.5B config cut to 4 layers, 4 pairs (8 sequences) per step
     python bench/bench_dpo.py --runs ours,trl,trl,ours --steps 3
+    python bench/bench_dpo.py --pairs 8 --batch-pairs 2 --max-len 512 --lr 1e-6   # 8 pairs, 2 per step
 
 Both stacks load the same random fp32 checkpoint (the Qwen2.5-0.5B config cut to --layers layers, written once by
 the reference implementation, plus the real Qwen2.5 tokenizer files) and train on the same --pairs UltraFeedback
 pairs (shared messages_500.jsonl, ties left out, the first rows whose prompt + longer reply fit in --max-len tokens,
-so neither stack truncates): prompt as a user turn, chosen / rejected as assistant turns, beta 0.1, lr 5e-5,
-AdamW, batch = all pairs, one optimizer step per batch, reference log-probs precomputed once before training
-(ours: train.py's cache; TRL: precompute_ref_log_probs=True).
+so neither stack truncates): prompt as a user turn, chosen / rejected as assistant turns, beta 0.1, --lr,
+AdamW, --batch-pairs pairs per optimizer step (default: all of them), reference log-probs precomputed once before
+training (ours: train.py's cache; TRL: precompute_ref_log_probs=True). Ours takes the batches in order, cycling;
+TRL's sampler shuffles them.
 
 Runs (each a fresh subprocess, so its peak RSS is its own):
-  ours       train.py's inner step with --loss dpo: the 2P sequences in one forward -> losses/logprobs.py -> dpo
-             loss -> backward -> scale -> clip -> fused AdamW; and, interleaved step by step in the same process,
-             the same step with --loss sft over the same 2P rows (the "DPO step <= 1.05x an SFT step" figure)
+  ours       train.py's inner step with --loss dpo: a batch's sequences in one forward -> losses/logprobs.py -> dpo
+             loss -> backward -> scale -> clip -> fused AdamW, for 1 + --steps steps (its peak RSS and step times);
+             then, interleaved step by step in the same process, that step and the same step with --loss sft over
+             the same rows (the "DPO step <= 1.05x an SFT step" figure)
   trl        trl.DPOTrainer(...).train() for 1 + --steps steps; step times from a TrainerCallback
-Step time = median after one warm-up step. Memory over floor = peak RSS - 16 bytes x parameters (fp32 weights +
-grads + AdamW's two moments). Absolute times on a shared machine are noise; the ratios are the figure.
+Step time = median after one warm-up step. Memory over floor = peak RSS over the 1 + --steps DPO steps - 16 bytes x
+parameters (fp32 weights + grads + AdamW's two moments). The peak must include a step after the first: in the first
+step's backward AdamW's two moments do not exist yet (the optimizer creates them in its first step), so a peak read
+after one step sits below the floor's assumption by up to 8 bytes per parameter. Absolute times on a shared machine
+are noise; the ratios are the figure.
 """
 
 from __future__ import annotations
@@ -91,14 +97,18 @@ def worker_ours(a) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     tok = load_tokenizer(a.ckpt)
     pairs, _ = tokenize_preference_rows(load_rows(a.rows), tok, a.max_len, source=a.rows)
-    batch = collate_pairs(pairs, tok.pad_token_id)
-    with torch.no_grad():  # train.py's precomputed reference: one no-grad pass of the initial weights
-        batch["ref_logps"] = sequence_logprobs(model, batch).float()
-    optimizer = make_optimizer(model, argparse.Namespace(weight_decay=0.0, lr=LR, adam_betas=(0.9, 0.999)), "cpu")
-    step_tokens = float(batch["loss_mask"].sum())
+    batches = [collate_pairs(pairs[i:i + a.batch_pairs], tok.pad_token_id) for i in range(0, len(pairs), a.batch_pairs)]
+    for batch in batches:
+        with torch.no_grad():  # train.py's precomputed reference: one no-grad pass of the initial weights
+            batch["ref_logps"] = sequence_logprobs(model, batch).float()
+    optimizer = make_optimizer(model, argparse.Namespace(weight_decay=0.0, lr=a.lr, adam_betas=(0.9, 0.999)), "cpu")
+    taken = {"dpo": 0, "sft": 0}
 
     def make_step(name: str, hparams: dict):
         def step() -> tuple[float, float]:  # train.py's inner step, one micro-batch
+            batch = batches[taken[name] % len(batches)]
+            taken[name] += 1
+            step_tokens = float(batch["loss_mask"].sum())
             t0 = time.perf_counter()
             result = LOSSES[name](sequence_logprobs(model, batch).float(), batch["loss_mask"], batch, **hparams)
             (result.loss_sum / step_tokens).backward()
@@ -114,14 +124,17 @@ def worker_ours(a) -> dict:
 
     dpo, sft = make_step("dpo", {"beta": BETA}), make_step("sft", {})
     first_loss = dpo()[1]  # warm-up; at pi == pi_ref this is log 2
-    peak_dpo_only = peak_rss()
+    dpo_times = [dpo()[0] for _ in range(a.steps)]
+    peak_dpo_only = peak_rss()  # over 1 + --steps DPO steps: AdamW's moments are alive from the second on
+    taken["dpo"] = 0
     sft()
     times: dict[str, list[float]] = {"dpo": [], "sft": []}
     for r in range(a.steps):
         for name, fn in (("dpo", dpo), ("sft", sft)) if r % 2 == 0 else (("sft", sft), ("dpo", dpo)):
             times[name].append(fn()[0])
-    return {"n_params": n_params, "peak_rss": peak_dpo_only, "first_loss": first_loss, "times": times,
-            "tokens": int((batch["sequence_ids"] >= 0).sum())}
+    return {"n_params": n_params, "peak_rss": peak_dpo_only, "first_loss": first_loss,
+            "times": {"dpo": dpo_times}, "interleaved": times,
+            "tokens": sum(int((b["sequence_ids"] >= 0).sum()) for b in batches)}
 
 
 def worker_trl(a) -> dict:
@@ -149,8 +162,8 @@ def worker_trl(a) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.pairs, max_length=a.max_len,
-                       precompute_ref_log_probs=True, beta=BETA, learning_rate=LR, lr_scheduler_type="constant",
+    config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_pairs,
+                       max_length=a.max_len, precompute_ref_log_probs=True, beta=BETA, learning_rate=a.lr, lr_scheduler_type="constant",
                        max_steps=a.steps + 1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                        disable_dropout=True, dataloader_num_workers=0, max_grad_norm=1.0, warmup_steps=0,
                        weight_decay=0.0,
@@ -165,7 +178,10 @@ def worker_trl(a) -> dict:
 def main() -> None:
     ap = Parser(description=__doc__)
     ap.add_argument("--layers", type=POSITIVE_INT, default=4, help="decoder layers kept of the 0.5B config (>= 1)")
-    ap.add_argument("--pairs", type=POSITIVE_INT, default=4, help="pairs per step, 2x sequences (>= 1)")
+    ap.add_argument("--pairs", type=POSITIVE_INT, default=4, help="pairs in the data (>= 1)")
+    ap.add_argument("--batch-pairs", type=POSITIVE_INT, default=None,
+                    help="pairs per optimizer step, 2x sequences (>= 1; default: --pairs)")
+    ap.add_argument("--lr", type=Range(float, low=0.0), default=LR, help=f"learning rate (>= 0; default {LR})")
     ap.add_argument("--max-len", type=Range(int, low=16), default=256, help="tokens per sequence (>= 16)")
     ap.add_argument("--steps", type=POSITIVE_INT, default=3, help="timed steps after one warm-up (>= 1)")
     ap.add_argument("--threads", type=POSITIVE_INT, default=2, help="torch threads of each worker (>= 1)")
@@ -174,6 +190,10 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rows", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.batch_pairs is None:
+        a.batch_pairs = a.pairs
+    if a.batch_pairs > a.pairs:
+        ap.error(f"--batch-pairs {a.batch_pairs} is more than --pairs {a.pairs}; lower it or raise --pairs")
     if a.worker:
         print(json.dumps({"ours": worker_ours, "trl": worker_trl}[a.worker](a)))
         return
@@ -190,7 +210,8 @@ def main() -> None:
     for run in a.runs.split(","):
         cmd = [sys.executable if run == "ours" else os.environ.get("TRL_PYTHON", sys.executable), __file__,
                "--worker", run, "--ckpt", str(ckpt), "--rows", str(rows), "--pairs", str(a.pairs),
-               "--max-len", str(a.max_len), "--steps", str(a.steps), "--threads", str(a.threads)]
+               "--max-len", str(a.max_len), "--steps", str(a.steps), "--threads", str(a.threads),
+               "--batch-pairs", str(a.batch_pairs), "--lr", str(a.lr)]
         load = os.getloadavg()[0]
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
         if p.returncode != 0:
@@ -205,8 +226,8 @@ def main() -> None:
     floor = 16 * n_params
     summary = {"n_params": n_params, "floor_gib": floor / GIB, "rows": info, "runs": results}
     if "ours" in results:
-        dpo = [statistics.median(r["times"]["dpo"]) for r in results["ours"]]
-        sft = [statistics.median(r["times"]["sft"]) for r in results["ours"]]
+        dpo = [statistics.median(r["interleaved"]["dpo"]) for r in results["ours"]]
+        sft = [statistics.median(r["interleaved"]["sft"]) for r in results["ours"]]
         summary["ours_dpo_over_sft"] = [d / s for d, s in zip(dpo, sft)]
     if "ours" in results and "trl" in results:
         ours_t = min(statistics.median(r["times"]["dpo"]) for r in results["ours"])
