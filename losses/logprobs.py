@@ -5,10 +5,11 @@ vocabulary, full logits for 8 x 2048 tokens would take 10 GB in fp32, and autogr
 for backward. Instead, the kernel walks the tokens in chunks:
 
     forward:   for each chunk of n tokens:  z = h W^T  (n, V), in fp32;  logp = z[target] - logsumexp(z)
-    backward:  recompute z for the chunk;   d logp / d z = onehot(target) - softmax(z)
-               grad_h = dz W,   grad_W += dz^T h
+    backward:  for each block of b vocabulary columns, recompute z for the chunk and block (n, b);
+               d logp / d z = onehot(target) - exp(z - logsumexp(z))   (logsumexp saved by forward)
+               grad_h += dz W[block],   grad_W[block] += dz^T h
 
-so the extra memory is O(chunk x V) whatever the number of tokens, at the price of one more matmul per chunk in
+so the extra memory is O(chunk x V) in forward and O(chunk x b) in backward whatever the number of tokens, at the price of one more matmul per chunk in
 backward (the same recomputation trade as Liger-Kernel's and TRL's chunked losses). Positions with loss mask 0 are
 dropped before the matmul: prompt tokens cost no LM-head FLOPs at all. One chunk's (n, V) buffer is alive at a
 time (each is freed before the next is allocated). When the LM head shares its weight with the embedding (Qwen2.5
@@ -25,13 +26,14 @@ import torch
 
 from model.qwen2 import TiedGradient
 
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 512  # tokens per chunk
+DEFAULT_VOCAB_BLOCK = 32768  # vocabulary columns per block in backward: 512 x 32768 fp32 = 64 MiB
 
 
 class ChunkedTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                with_entropy: bool, tied_grad=None):
+                with_entropy: bool, tied_grad=None, vocab_block: int = DEFAULT_VOCAB_BLOCK):
         # hidden (N, C), weight (V, C) in the compute dtype; targets (N,) long.
         w = weight.to(hidden.dtype)
         n = hidden.shape[0]
@@ -51,7 +53,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 del logp
             del z  # freed before the next chunk's (n, V) product is allocated: one chunk buffer alive, not two
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.chunk_size, ctx.with_entropy, ctx.tied_grad = chunk_size, with_entropy, tied_grad
+        ctx.chunk_size, ctx.with_entropy, ctx.vocab_block = chunk_size, with_entropy, vocab_block
+        ctx.tied_grad = tied_grad
         return (logps, entropy) if with_entropy else logps
 
     @staticmethod
@@ -66,37 +69,59 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         if need_w:
             grad_w = tied.grad if tied is not None and tied.grad is not None else \
                 torch.zeros(weight.shape, dtype=math, device=weight.device)
-        n = hidden.shape[0]
+        n, vocab, block = hidden.shape[0], weight.shape[0], ctx.vocab_block
         rows = torch.arange(min(ctx.chunk_size, n), device=hidden.device)
+        entropy_grad = ctx.with_entropy and grad_entropy is not None
+        # One (chunk x block) buffer for every block's logits when they are computed in the math dtype already (fp32
+        # inputs): allocated once, so the memory is not mapped and faulted in again for each block.
+        reuse = hidden.dtype == math
+        buffer = torch.empty(min(ctx.chunk_size, n) * min(block, vocab), dtype=math, device=hidden.device) \
+            if reuse else None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
-            z = (hidden[s:e] @ w.T).to(math)  # (n, V)
-            logp = z.sub_(lse[s:e, None])  # (n, V) log softmax, in place: one (n, V) buffer per chunk
+            h, t = hidden[s:e], targets[s:e]
             g = grad_logps[s:e].to(math)[:, None]  # (n, 1)
-            if ctx.with_entropy and grad_entropy is not None:
-                p = logp.exp()  # (n, V)
-                # dz = -p * (g + g_H * (log p + H)), then + g at the target
-                dz = p.mul_(logp.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None].to(math)).add_(g)).neg_()
-                del p
-            else:
-                dz = logp.exp_().mul_(-g)  # (n, V) d logp_target / d z = onehot(target) - p
-            dz[rows[: e - s], targets[s:e]] += g[:, 0]
-            dz = dz.to(hidden.dtype)
+            gh = torch.zeros(e - s, hidden.shape[1], dtype=math, device=hidden.device) if need_h else None
+            # The vocabulary in blocks of columns: the (n, V) softmax is never whole in backward, only (n, block) of
+            # it (the step's memory peak is here: every activation is still alive), and every product stays large.
+            for v0 in range(0, vocab, block):
+                v1 = min(v0 + block, vocab)
+                if reuse:
+                    z = torch.mm(h, w[v0:v1].T, out=buffer[: (e - s) * (v1 - v0)].view(e - s, v1 - v0))  # (n, b)
+                else:
+                    z = (h @ w[v0:v1].T).to(math)  # (n, b)
+                logp = z.sub_(lse[s:e, None])  # (n, b) log softmax, in place
+                if entropy_grad:
+                    p = logp.exp()  # (n, b)
+                    # dz = -p * (g + g_H * (log p + H)), then + g at the target
+                    dz = p.mul_(logp.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None].to(math)).add_(g)).neg_()
+                    del p
+                else:
+                    dz = logp.exp_().mul_(-g)  # (n, b) d logp_target / d z = onehot(target) - p
+                here = (t >= v0) & (t < v1)  # the rows whose target is in this block get + g at it
+                dz.index_put_((rows[: e - s], (t - v0).clamp(0, v1 - v0 - 1)), torch.where(here, g[:, 0], 0.0),
+                              accumulate=True)
+                dz = dz.to(hidden.dtype)
+                if need_h and dz.dtype == math:
+                    gh.addmm_(dz, w[v0:v1])  # (n, C)
+                elif need_h:
+                    gh += (dz @ w[v0:v1]).to(math)  # bf16/fp16 products, summed over blocks in fp32
+                if need_w and dz.dtype == math:
+                    grad_w[v0:v1].addmm_(dz.T, h)  # (b, C), accumulated without a (V, C) temporary
+                elif need_w:
+                    grad_w[v0:v1] += (dz.T @ h).to(math)  # bf16/fp16 products, accumulated in fp32
+                del z, logp, dz  # (without the reused buffer) freed before the next block's is allocated
             if need_h:
-                grad_h[s:e] = dz @ w  # (n, C)
-            if need_w and dz.dtype == math:
-                grad_w.addmm_(dz.T, hidden[s:e])  # (V, C), accumulated without a (V, C) temporary
-            elif need_w:
-                grad_w += (dz.T @ hidden[s:e]).to(math)  # bf16/fp16 products, accumulated in fp32
-            del z, logp, dz  # as in forward: the next chunk's buffer is allocated only after this one is freed
+                grad_h[s:e] = gh
         if need_w and tied is not None:
             tied.grad = grad_w  # the embedding's backward adds its rows and returns the sum (model/qwen2.py)
-            return grad_h, None, None, None, None, None
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+            return grad_h, None, None, None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False, tied_grad=None):
+                   chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False, tied_grad=None,
+                   vocab_block: int = DEFAULT_VOCAB_BLOCK):
     """log softmax(hidden @ weight.T)[target] per row, in fp32, chunk by chunk. hidden (N, C), weight (V, C),
     targets (N,) -> (N,), or ((N,), (N,)) with the entropy. `tied_grad`: the model.qwen2.TiedGradient of the
     forward that made `hidden`, when the weight is also its embedding; the weight's gradient then goes there."""
@@ -108,7 +133,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return (empty, empty.clone()) if with_entropy else empty
     if tied_grad is not None and not tied_grad.used:  # the forward did not route its embedding through it
         tied_grad = None
-    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, with_entropy, tied_grad)
+    return ChunkedTokenLogProbs.apply(hidden, weight, targets, chunk_size, with_entropy, tied_grad, vocab_block)
 
 
 def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False):
