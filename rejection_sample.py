@@ -79,7 +79,8 @@ def split_samples(samples: list[dict], max_per_problem: int, max_pairs: int, kee
                   ranked: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """(correct completions to keep, (correct, incorrect) pairs) of one problem's graded samples, in sample order,
     distinct texts only. A truncated completion is never a chosen one unless keep_truncated, nor a rejected one (a
-    cut-off text is not a wrong answer); a check that timed out is neither correct nor incorrect. `ranked` (the
+    cut-off text is not a wrong answer); a check that timed out is neither correct nor incorrect; an empty completion
+    (the stop token at once) is neither, since a training row's reply must have text. `ranked` (the
     samples have a "reward"): correct ones highest reward first, incorrect ones lowest first, None last in both,
     ties in sample order; so the kept ones are the best n, and each pair is the best left against the worst left."""
     correct, wrong = [], []
@@ -88,7 +89,7 @@ def split_samples(samples: list[dict], max_per_problem: int, max_pairs: int, kee
         wrong_first = sorted(samples, key=lambda s: (s["reward"] is None, s["reward"] or 0.0))
         samples = [s for s in correct_first if s["correct"] is True] + [s for s in wrong_first if s["correct"] is False]
     for s in samples:
-        if s["truncated"] and not (keep_truncated and s["correct"] is True):
+        if (s["truncated"] and not (keep_truncated and s["correct"] is True)) or not s["text"].strip():
             continue
         bucket = correct if s["correct"] is True else wrong if s["correct"] is False else None
         if bucket is not None and s["text"] not in bucket:

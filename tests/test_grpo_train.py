@@ -246,6 +246,9 @@ def test_rejection_split_by_hand():
     assert rejection_sample.split_samples(samples, 4, 3, keep_truncated=False) == (["A"], [("A", "B")])
     assert rejection_sample.split_samples(samples, 4, 3, keep_truncated=True) == (["A", "C"], [("A", "B")])
     assert rejection_sample.split_samples(samples, 1, 0, keep_truncated=True) == (["A"], [])
+    # An empty completion (wrong, since it has no answer) is in no pair: the data loaders refuse an empty reply.
+    empty = [{"text": "", "correct": False, "truncated": False}, {"text": " \n", "correct": False, "truncated": False}]
+    assert rejection_sample.split_samples(empty + samples, 4, 3, keep_truncated=False) == (["A"], [("A", "B")])
 
 
 def test_rejection_sampling_writes_counts_that_add_up(tiny_lab_model, tmp_path, capsys):
