@@ -44,8 +44,13 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = (hidden[s:e] @ w.T).to(math)  # (n, V)
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            logps[s:e] = z.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            target = z.gather(1, targets[s:e, None]).squeeze(1)  # (n,)
+            if with_entropy:
+                lse[s:e] = torch.logsumexp(z, dim=-1)  # z is needed again below: one (n, V) temporary beside it
+            else:  # torch.logsumexp's own arithmetic (max, exp of the difference, sum, log, + max) in z's buffer
+                top = z.amax(dim=-1)  # (n,)
+                lse[s:e] = z.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
+            logps[s:e] = target - lse[s:e]
             if with_entropy:
                 logp = z.sub_(lse[s:e, None])  # (n, V) in place: z is not needed past the gather above
                 # -sum p log p, not lse - sum p z: the latter cancels two numbers of the size of the logits (~lse).
