@@ -126,7 +126,7 @@ def train(args: argparse.Namespace) -> dict:
         # ---- forward and backward over the micro-batches; gradients hold sums, divided once below ----
         # Backward sees loss sums pre-divided by the step's trained-token count (a constant of the step, summed over
         # the ranks), so gradient magnitudes stay per-token whatever the batch size: it keeps fp16's scaled gradients
-        # in range. The last step.idle micro-batches are FSDP's padding: they run with weight 0.
+        # in range. The last step.idle micro-batches are padding (under torchrun every rank runs as many): weight 0.
         real = len(step.micro_batches) - step.idle
         local_tokens = float(sum(b["loss_mask"].sum() for b in step.micro_batches[:real]))
         step_tokens = max(1.0, distributed.all_sum([local_tokens], ranks, device)[0])

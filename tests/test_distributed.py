@@ -322,8 +322,8 @@ def test_a_failing_rank_ends_the_job(tiny_lab_model, root, failure):
 def test_grpo_dynamic_sampling_two_ranks_equal_one_process(root, tiny_lab_model, mode):
     """--dynamic-sampling under torchrun: every rank samples its share of each round, the round is gathered, and all
     ranks keep the same groups (prompts with an odd answer; the even ones score 0 whatever is sampled) and draw as
-    many rounds. A step short of its 4 groups after 2 rounds leaves rank 1 fewer or none; under FSDP2 it makes them
-    up with 0-weight micro-batches. The steps, their counts and the weights are one process's with twice the
+    many rounds. A step short of its 4 groups after 2 rounds leaves rank 1 fewer or none; it makes them up with
+    0-weight micro-batches (DDP and FSDP2 alike). The steps, their counts and the weights are one process's with twice the
     accumulation."""
     (root / "odd_rewards.py").write_text(
         "def odd_digits(completions, rows):\n"

@@ -41,7 +41,7 @@ from training.rollouts import idle_rollout_batch, make_dynamic_rollout, make_rol
 
 @dataclass
 class StepBatches:
-    micro_batches: list[dict]  # this rank's, collated; the last `idle` of them train nothing (FSDP padding)
+    micro_batches: list[dict]  # this rank's, collated; the last `idle` of them train nothing (padding, torchrun)
     idle: int = 0
     metrics: dict = field(default_factory=dict)  # of making them (rewards, sampling times), logged with the step
     log_entropy: bool = False  # the loop also logs the policy's entropy on the trained tokens (rollouts)
@@ -91,12 +91,12 @@ class BatchSource:
 
     @property
     def micro_batches_per_step(self) -> int:
-        """Micro-batches each rank runs a step (real ones, then FSDP's padding up to this number)."""
+        """Micro-batches each rank runs a step (real ones, then padding up to this number under torchrun)."""
         return self.args.grad_accum
 
     def next_step(self, state: TrainState) -> StepBatches:
         step = self.make_step(state)
-        if self.ranks.fsdp:
+        if self.ranks.active:  # every rank runs as many passes: FSDP's all-gathers need it, DDP keeps ranks in step
             step.idle = self.micro_batches_per_step - len(step.micro_batches)
             step.micro_batches = step.micro_batches + [self.idle_batch()] * step.idle
         return step
