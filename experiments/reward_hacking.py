@@ -14,7 +14,8 @@ Every --eval-every steps each run scores the first --eval-problems lab:test prob
 accuracy and avg@4 at temperature 1 by the rule. Writes to --out:
   results.md / .json   per arm, mean +- std over seeds: held-out greedy accuracy and avg@4 at step 0 and at the end;
                        the rollouts' reward-model score and rule accuracy over the first and the last 10 steps; the
-                       first step whose rollouts are right less than half as often as at step 1 (hacking's onset)
+                       first step at which the rollouts' rule accuracy (a 5-step moving average) is below half of
+                       the first 5 steps' (hacking's onset)
   hacked.md            the rm arm's final greedy answers (first seed) that are wrong, highest reward-model score
                        first, beside the score of the problem's reference solution
   curves.png           per step: the rollouts' reward-model score and rule accuracy, and held-out accuracy
@@ -71,7 +72,11 @@ def summarize(run: Path) -> dict:
     steps = training_rows(run)
     model_score = [r.get("reward_model", r["reward"]) for r in steps]  # the rule arm has no reward-model column
     accuracy = [r["accuracy"] for r in steps]
-    onset = next((r["step"] for r in steps if r["accuracy"] < accuracy[0] / 2), None)
+    # A step's accuracy depends much on which prompts it drew: the onset reads a 5-step moving average against the
+    # first 5 steps' (the step given is the last of its window).
+    smooth = np.convolve(accuracy, np.ones(5) / 5, mode="valid") if len(accuracy) >= 5 else np.array(accuracy)
+    onset = next((steps[i + len(steps) - len(smooth)]["step"] for i, a in enumerate(smooth) if a < smooth[0] / 2),
+                 None)
     return {"greedy_start": evals[0]["eval_accuracy"], "greedy_end": evals[-1]["eval_accuracy"],
             "avg4_start": evals[0]["eval_accuracy_sampled"], "avg4_end": evals[-1]["eval_accuracy_sampled"],
             "rm_start": float(np.mean(model_score[:WINDOW])), "rm_end": float(np.mean(model_score[-WINDOW:])),
@@ -217,7 +222,7 @@ def write_results(table: dict[str, list[dict]], curves: dict[str, list[dict]], a
              f"{args.eval_problems} lab:test problems every {args.eval_every} steps", "",
              "| arm | held-out greedy: start -> end | held-out avg@4: start -> end | rollouts' RM score: first "
              f"{WINDOW} -> last {WINDOW} steps | rollouts' rule accuracy: first {WINDOW} -> last {WINDOW} | "
-             "onset (first step at < half the step-1 accuracy) |", "|---|---|---|---|---|---|"]
+             "onset: first step whose 5-step mean rule accuracy is < half the first 5 steps' |", "|---|---|---|---|---|---|"]
     for arm, runs in table.items():
         if not runs:
             continue
