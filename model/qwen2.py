@@ -268,9 +268,14 @@ class TiedEmbedding(torch.autograd.Function):
         grad = tied.grad if tied.grad is not None else torch.zeros(ctx.weight_shape, dtype=torch.float32,
                                                                    device=grad_out.device)
         tied.grad = None
-        # index_put_ with accumulate: a deterministic sum over repeated tokens on CPU and CUDA (index_add_ is not on
-        # CUDA), each row added in place, no (V, C) temporary.
-        grad.index_put_((input_ids.reshape(-1),), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype), accumulate=True)
+        # Each token's row added in place, no (V, C) temporary, by the op that sums repeated tokens deterministically
+        # on the device (PyTorch's reproducibility notes: index_put_ with accumulate is not on CPU, index_add_ is not
+        # on CUDA). On CPU, index_add_ adds in the order of the ids, as the dense embedding backward does.
+        ids, rows = input_ids.reshape(-1), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype)
+        if grad.device.type == "cpu":
+            grad.index_add_(0, ids, rows)
+        else:
+            grad.index_put_((ids,), rows, accumulate=True)
         return None, grad.to(ctx.weight_dtype), None
 
 
