@@ -163,7 +163,8 @@ def worker_trl(a) -> dict:
                 losses.append(logs["loss"])
 
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_pairs,
-                       max_length=a.max_len, precompute_ref_log_probs=True, beta=BETA, learning_rate=a.lr, lr_scheduler_type="constant",
+                       max_length=a.max_len, precompute_ref_log_probs=True, beta=BETA, learning_rate=a.lr,
+                       lr_scheduler_type="constant",
                        max_steps=a.steps + 1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                        disable_dropout=True, dataloader_num_workers=0, max_grad_norm=1.0, warmup_steps=0,
                        weight_decay=0.0,

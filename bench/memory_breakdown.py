@@ -137,7 +137,8 @@ def report(r: dict) -> str:
              f"live tensors at the peak: {r['peak'] / GIB:.2f} GiB; floor (16 B/param) {r['floor'] / GIB:.2f} GiB; "
              f"above the floor {(r['peak'] - r['floor']) / GIB:.2f} GiB", "",
              "| category | GiB |", "|---|---:|"]
-    lines += [f"| {name} | {nbytes / GIB:.3f} |" for name, nbytes in sorted(r["by_category"].items(), key=lambda x: -x[1])]
+    categories = sorted(r["by_category"].items(), key=lambda x: -x[1])
+    lines += [f"| {name} | {nbytes / GIB:.3f} |" for name, nbytes in categories]
     lines += ["", "| largest live tensors at the peak | GiB | category | allocated by |", "|---|---:|---|---|"]
     lines += [f"| {i + 1} | {t['bytes'] / GIB:.3f} | {t['category']} | `{t['made_by']}` |"
               for i, t in enumerate(r["largest"])]

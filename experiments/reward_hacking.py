@@ -222,7 +222,8 @@ def write_results(table: dict[str, list[dict]], curves: dict[str, list[dict]], a
              f"{args.eval_problems} lab:test problems every {args.eval_every} steps", "",
              "| arm | held-out greedy: start -> end | held-out avg@4: start -> end | rollouts' RM score: first "
              f"{WINDOW} -> last {WINDOW} steps | rollouts' rule accuracy: first {WINDOW} -> last {WINDOW} | "
-             "onset: first step whose 5-step mean rule accuracy is < half the first 5 steps' |", "|---|---|---|---|---|---|"]
+             "onset: first step whose 5-step mean rule accuracy is < half the first 5 steps' |",
+             "|---|---|---|---|---|---|"]
     for arm, runs in table.items():
         if not runs:
             continue

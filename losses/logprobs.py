@@ -9,8 +9,9 @@ for backward. Instead, the kernel walks the tokens in chunks:
                d logp / d z = onehot(target) - exp(z - logsumexp(z))   (logsumexp saved by forward)
                grad_h += dz W[block],   grad_W[block] += dz^T h
 
-so the extra memory is O(chunk x V) in forward and O(chunk x b) in backward whatever the number of tokens, at the price of one more matmul per chunk in
-backward (the same recomputation trade as Liger-Kernel's and TRL's chunked losses). Positions with loss mask 0 are
+so the extra memory is O(chunk x V) in forward and O(chunk x b) in backward whatever the number of tokens, at the
+price of one more matmul per chunk in backward (the same recomputation trade as Liger-Kernel's and TRL's chunked
+losses). Positions with loss mask 0 are
 dropped before the matmul: prompt tokens cost no LM-head FLOPs at all. One chunk's (n, V) buffer is alive at a
 time (each is freed before the next is allocated). When the LM head shares its weight with the embedding (Qwen2.5
 up to 3B), grad_W is summed with the embedding's rows in one buffer (model.qwen2.TiedGradient) rather than autograd

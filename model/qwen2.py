@@ -239,15 +239,15 @@ class TiedGradient:
 
     Autograd would give the tied matrix two (V, C) gradients, the LM head's (dense: every row gets softmax mass) and
     the embedding's (zero but for the rows of the batch's tokens, yet allocated whole by the dense embedding
-    backward), and add them: three (V, C) buffers alive at once at the end of backward, where the step's memory
-    peaks. With a TiedGradient passed to the forward, the log-prob kernel (losses/logprobs.py) accumulates the LM
-    head's gradient here instead of returning it, and the embedding's backward (TiedEmbedding, which always runs
-    after it: the embedding comes first in the forward) adds its rows into the same buffer and hands the sum to
-    autograd as the weight's one gradient. The numbers are the same up to float summation order. One per forward:
-    whatever a half-run backward leaves here is dropped with it."""
+    backward), and add them: two (V, C) gradients alive at once beside the weight at the end of backward, where the
+    step's memory peaked (bench/memory_breakdown.py). With a TiedGradient passed to the forward, the log-prob kernel
+    (losses/logprobs.py) accumulates the LM head's gradient here instead of returning it, and the embedding's
+    backward (TiedEmbedding, which always runs after it: the embedding comes first in the forward) adds its rows
+    into the same buffer and hands the sum to autograd as the weight's one gradient. The numbers are the same up to
+    float summation order. One per forward: whatever a half-run backward leaves here is dropped with it."""
 
     def __init__(self) -> None:
-        self.grad: torch.Tensor | None = None  # (V, C) fp32 (the kernel's math dtype), the sum so far
+        self.grad: torch.Tensor | None = None  # (V, C) in the kernel's math dtype (fp32, fp64 for fp64), the sum
         self.used = False  # set by TiedEmbedding: only then may the kernel leave its gradient here
 
 
@@ -265,8 +265,8 @@ class TiedEmbedding(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (input_ids,) = ctx.saved_tensors
         tied = ctx.tied
-        grad = tied.grad if tied.grad is not None else torch.zeros(ctx.weight_shape, dtype=torch.float32,
-                                                                   device=grad_out.device)
+        math = torch.promote_types(ctx.weight_dtype, torch.float32)  # the kernel's: fp32, or fp64 for fp64 weights
+        grad = tied.grad if tied.grad is not None else torch.zeros(ctx.weight_shape, dtype=math, device=grad_out.device)
         tied.grad = None
         # Each token's row added in place, no (V, C) temporary, by the op that sums repeated tokens deterministically
         # on the device (PyTorch's reproducibility notes: index_put_ with accumulate is not on CPU, index_add_ is not

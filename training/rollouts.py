@@ -201,8 +201,8 @@ def make_dynamic_rollout(model, ref_model, next_round: Callable[[int], tuple[lis
     keeps the same groups and draws as many rounds, which --fsdp's sampling needs), and `fill_groups` keeps groups
     until the step has --batch-size x --grad-accum per rank. This rank trains its share of the kept groups, in order,
     collated as make_rollout collates them (a short step leaves the last ranks fewer or none: under torchrun they
-    are padded with idle micro-batches, training/batches.py). Advantages are each group's own, so a kept group trains as it would in
-    a batch of kept groups alone, and the loss's denominators count only kept groups. The log row describes every
+    are padded with idle micro-batches, training/batches.py). Advantages are each group's own, so a kept group
+    trains as it would in a batch of kept groups alone, and the loss's denominators count only kept groups. The log row describes every
     sampled group (reward, zero_variance_groups, lengths) and adds sampling_rounds, sampled_groups, dropped_groups
     (sampled, not trained) and unfilled_groups (the step's target minus the groups it kept)."""
     G, per_rank = args.num_generations, args.batch_size * args.grad_accum
