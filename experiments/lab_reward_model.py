@@ -40,7 +40,7 @@ import train  # noqa: E402
 from cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
 from data.lab import LAB_SYSTEM, lab_problems  # noqa: E402
 from experiments.plots import pyplot, training_rows  # noqa: E402
-from model import UserError  # noqa: E402
+from model import UserError, load_reward_model  # noqa: E402
 from training.reward_scoring import RewardModelScorer  # noqa: E402
 
 
@@ -125,6 +125,20 @@ def plot(run: Path, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def reward_model_for(reward_model: str | None, quick: bool, out: Path) -> str:
+    """The reward model an experiment that judges or trains with one uses: --reward-model, checked now (a path that
+    is not a reward model gets one sentence before any training), or, for a --quick run without one, a 3-step reward
+    model trained here into out/reward_model."""
+    if reward_model is None:
+        if not quick:
+            raise UserError("--reward-model is required: train the lab's with python "
+                            "experiments/lab_reward_model.py, then pass runs/lab_reward_model/rm/final.")
+        main(["--quick", "--out", str(out / "reward_model")])
+        reward_model = str(out / "reward_model" / "rm" / "final")
+    load_reward_model(reward_model)
+    return reward_model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,8 +38,9 @@ import train  # noqa: E402
 from cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
 from data.answers import grade  # noqa: E402
 from data.datasets import load_rows  # noqa: E402
+from experiments.lab_reward_model import reward_model_for  # noqa: E402
 from experiments.plots import band, pyplot, training_rows  # noqa: E402
-from model import UserError, load_reward_model  # noqa: E402
+from model import UserError  # noqa: E402
 from training.reward_scoring import RewardModelScorer  # noqa: E402
 
 ARMS = {"rm": "GRPO, reward model", "rule": "GRPO, rule reward", "hybrid": "GRPO, reward model + SFT (hybrid)"}
@@ -172,14 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        if args.reward_model is None:
-            if not args.quick:
-                raise UserError("--reward-model is required: train the lab's with python "
-                                "experiments/lab_reward_model.py, then pass runs/lab_reward_model/rm/final.")
-            from experiments import lab_reward_model
-            lab_reward_model.main(["--quick", "--out", str(out / "reward_model")])
-            args.reward_model = str(out / "reward_model" / "rm" / "final")
-        load_reward_model(args.reward_model)  # not a reward model: one sentence now, before any training
+        args.reward_model = reward_model_for(args.reward_model, args.quick, out)
         eval_file = out / "eval_prompts.jsonl"  # the first --eval-problems held-out problems, as train.py reads them
         eval_file.write_text("".join(json.dumps(r) + "\n" for r in load_rows("lab:test:prompt")[:args.eval_problems]))
         table: dict[str, list[dict]] = {arm: [] for arm in args.arms}

@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 from cli import POSITIVE_FLOAT, POSITIVE_INT, SEED, Parser, output_dir  # noqa: E402
+from experiments.lab_reward_model import reward_model_for  # noqa: E402
 from experiments.plots import band, pyplot, training_rows  # noqa: E402
-from model import UserError, load_reward_model  # noqa: E402
+from model import UserError  # noqa: E402
 
 ROWS = {"sft": "SFT", "sft_length": "SFT + length penalty", "dpo": "DPO", "grpo_rm": "GRPO, reward model",
         "grpo_rule": "GRPO, rule reward"}
@@ -153,14 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        if args.reward_model is None:
-            if not args.quick:
-                raise UserError("--reward-model is required: train the lab's with python "
-                                "experiments/lab_reward_model.py, then pass runs/lab_reward_model/rm/final.")
-            from experiments import lab_reward_model
-            lab_reward_model.main(["--quick", "--out", str(out / "reward_model")])
-            args.reward_model = str(out / "reward_model" / "rm" / "final")
-        load_reward_model(args.reward_model)  # not a reward model: one sentence now, before any training
+        args.reward_model = reward_model_for(args.reward_model, args.quick, out)
         table: dict[str, list[dict]] = {name: [] for name in ROWS}
         curves: dict[str, list[dict]] = {name: [] for name in ROWS}
         done, earlier_seconds = finished_seeds(args, out) if args.resume else ({}, 0.0)
