@@ -100,6 +100,63 @@ def collate(
     return batch
 
 
+def shared_prompt_layout(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+                         ) -> dict[str, torch.Tensor]:
+    """The rows of a collated batch of groups (one row per prompt + completion, the G completions of prompt r in
+    rows r*G .. r*G + G - 1, as collate() lays them out) rearranged so that each group's prompt is computed once: the
+    idea of Prefix Grouper (arXiv:2506.05433). Group r becomes one row [prompt_r, c_1, ..., c_G] in which
+
+        a prompt position attends to the prompt positions up to itself (plain causal attention), and
+        a position of c_i attends to the whole prompt and to the positions of c_i up to itself, nothing of c_j,
+
+    with each completion's positions continuing the prompt's (len(prompt), len(prompt) + 1, ...): every token sees
+    exactly the tokens, at exactly the positions, that it sees in its own row, so the decoder's hidden states are the
+    same up to float summation order, and its gradients too (the prompt's hidden states receive the G completions'
+    gradients, summed). Returns, for R groups and rows S long:
+
+        shared_input_ids     (R, S)        long, right-padded with pad_id
+        shared_position_ids  (R, S)        long
+        shared_mask          (R, 1, S, S)  bool, True where a query may attend to a key
+        shared_index         (B, T)        long: for each position of the collated batch, the flat index (r * S + s)
+                                           of the shared position that holds its token in its context (0 on padding)
+
+    losses/logprobs.py's sequence_logprobs runs the decoder on the shared rows and gathers the hidden states back
+    through shared_index, so every loss still sees the collated (B, T) layout."""
+    if not prompts or len(completions) % len(prompts):
+        raise ValueError(f"{len(completions)} completions do not make groups of {len(prompts)} prompts")
+    G = len(completions) // len(prompts)
+    lengths = [len(p) + sum(len(c) for c in completions[r * G:(r + 1) * G]) for r, p in enumerate(prompts)]
+    R, S = len(prompts), max(lengths)
+    T = max(len(p) + len(c) for r, p in enumerate(prompts) for c in completions[r * G:(r + 1) * G])
+    input_ids = torch.full((R, S), pad_id, dtype=torch.long)  # (R, S)
+    position_ids = torch.zeros((R, S), dtype=torch.long)  # (R, S)
+    segment = torch.full((R, S), -1, dtype=torch.long)  # (R, S) 0 prompt, i + 1 completion i, -1 padding
+    index = torch.zeros((R * G, T), dtype=torch.long)  # (B, T)
+    for r, prompt in enumerate(prompts):
+        P = len(prompt)
+        input_ids[r, :P] = torch.tensor(prompt, dtype=torch.long)
+        position_ids[r, :P] = torch.arange(P)
+        segment[r, :P] = 0
+        start = P
+        for i, completion in enumerate(completions[r * G:(r + 1) * G]):
+            L = len(completion)
+            input_ids[r, start:start + L] = torch.tensor(completion, dtype=torch.long)
+            position_ids[r, start:start + L] = torch.arange(P, P + L)
+            segment[r, start:start + L] = i + 1
+            b = r * G + i
+            index[b, :P] = r * S + torch.arange(P)
+            index[b, P:P + L] = r * S + torch.arange(start, start + L)
+            start += L
+        position_ids[r, start:] = torch.arange(S - start)  # padding: finite angles, never attended to
+    k = torch.arange(S)
+    causal = k[None, :] <= k[:, None]  # (S, S) key <= query
+    query, key = segment[:, :, None], segment[:, None, :]  # (R, S, 1), (R, 1, S)
+    same = ((key == 0) | (key == query)) & (query >= 0)  # (R, S, S) the prompt or the query's own completion
+    mask = (causal & same) | torch.eye(S, dtype=torch.bool)  # a padding query sees itself only: finite outputs
+    return {"shared_input_ids": input_ids, "shared_position_ids": position_ids, "shared_mask": mask[:, None],
+            "shared_index": index}
+
+
 def _scatter_reference(ref_logps: Mapping[int, torch.Tensor], example: Example, trained: torch.Tensor) -> torch.Tensor:
     """The example's reference log-probs laid out on its L - 1 target positions (0 where nothing is trained)."""
     if example.index not in ref_logps:

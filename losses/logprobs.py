@@ -146,11 +146,15 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_
     """Run the decoder on a collated batch and return per-token log-probs of its targets, (B, T) fp32, zero where
     loss_mask is 0 (and the entropy, (B, T), if asked). Only masked-in positions reach the LM head."""
     tied = TiedGradient()  # one gradient buffer for a tied embedding / LM head (used only if the model ties them)
-    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                   document_ids=batch.get("document_ids"), return_hidden=True, tied_grad=tied)  # (B, T, C)
     keep = batch["loss_mask"].bool()  # (B, T)
-    out = token_logprobs(hidden[keep], model.lm_head.weight, batch["target_ids"][keep], chunk_size, with_entropy,
-                         tied)
+    if "shared_input_ids" in batch:  # groups sharing a prompt, computed once per group (data.collate.shared_prompt_layout)
+        shared = model(batch["shared_input_ids"], position_ids=batch["shared_position_ids"],
+                       attention_mask=batch["shared_mask"], return_hidden=True, tied_grad=tied)  # (R, S, C)
+        hidden = shared.flatten(0, 1)[batch["shared_index"][keep]]  # (n, C): backward sums into shared positions
+    else:
+        hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                       document_ids=batch.get("document_ids"), return_hidden=True, tied_grad=tied)[keep]  # (n, C)
+    out = token_logprobs(hidden, model.lm_head.weight, batch["target_ids"][keep], chunk_size, with_entropy, tied)
     logps, entropy = out if with_entropy else (out, None)
     full = torch.zeros(keep.shape, dtype=logps.dtype, device=hidden.device)
     logps = full.masked_scatter(keep, logps)  # (B, T)

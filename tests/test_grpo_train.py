@@ -116,6 +116,29 @@ def test_grpo_steps_are_exact_under_accumulation_with_mu_and_kl(tiny_lab_model, 
     assert moved > 0.1 and apart < 1e-2 * moved, (apart, moved)
 
 
+def test_shared_prompt_run_equals_a_row_per_completion(tiny_lab_model, tmp_path, digits_reward):
+    """--share-prompt (the default: a group's prompt computed once) against --no-share-prompt, with the old (mu = 2)
+    and reference (beta > 0) log-probs and the training pass all going through it: the same run, up to float
+    summation order. The batches differ in shape, so the runs are not bitwise equal."""
+    common = ["--max-steps", "4", "--mu", "2", "--beta", "0.05", "--clip-eps-low", "0.05", "--lr", "1e-2",
+              "--batch-size", "2", "--grad-accum", "2", "--reward", digits_reward]
+    train.train(train.parse_args(flags(tiny_lab_model, tmp_path / "shared", *common)))
+    train.train(train.parse_args(flags(tiny_lab_model, tmp_path / "rows", *common, "--no-share-prompt")))
+    shared, rows = rows_of(tmp_path / "shared"), rows_of(tmp_path / "rows")
+    assert [r["step"] for r in shared] == [1, 2, 3, 4]
+    for a, b in zip(shared, rows):
+        for key in ("loss", "grad_norm", "kl", "reward", "completion_len", "ratio"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert shared[1]["kl"] > 0 and shared[1]["ratio"] != pytest.approx(1.0, abs=1e-6)
+    wa, wb, w0 = weights(tmp_path / "shared" / "final"), weights(tmp_path / "rows" / "final"), weights(tiny_lab_model)
+    moved = sum(float((wa[k] - w0[k]).pow(2).sum()) for k in wa) ** 0.5
+    apart = sum(float((wa[k] - wb[k]).pow(2).sum()) for k in wa) ** 0.5
+    assert moved > 0.1 and apart < 1e-3 * moved, (apart, moved)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--loss", "sft", "--data", "lab", "--out", str(tmp_path / "sft"), "--share-prompt"])
+
+
 def test_grpo_resume_mid_rollout_gives_the_same_run(tiny_lab_model, tmp_path, digits_reward):
     """mu = 2 and a checkpoint after step 1 (mid rollout batch): resuming reuses the saved rollout batch."""
     common = ["--max-steps", "3", "--mu", "2", "--batch-size", "2", "--reward", digits_reward]

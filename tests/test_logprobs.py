@@ -440,3 +440,72 @@ def test_tied_gradient_buffer_is_used_only_when_tied(tiny_qwen2: Path):
     frozen = TiedGradient()
     model(batch["input_ids"], return_hidden=True, tied_grad=frozen)
     assert not frozen.used
+
+
+# ---------------------------------------------------------------- shared prompts (Prefix Grouper)
+
+
+def grouped_batch(prompt_lengths: list[int], completion_lengths: list[list[int]], seed: int = 0):
+    """Groups of completions of random prompts, collated one row per prompt + completion (as GRPO's rollouts are),
+    with the shared-prompt layout of the same groups added."""
+    from data.collate import shared_prompt_layout
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, TINY_QWEN2["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(p) for p in prompt_lengths]
+    completions = [ids(n) for lengths in completion_lengths for n in lengths]
+    G = len(completion_lengths[0])
+    examples = [Example(prompts[k // G] + c, [0] * len(prompts[k // G]) + [1] * len(c), index=k)
+                for k, c in enumerate(completions)]
+    batch = collate(examples, PAD)
+    return batch, {**batch, **shared_prompt_layout(prompts, completions, PAD)}
+
+
+def test_shared_prompt_layout_by_hand():
+    """Two groups of two: every index, position and mask entry written out."""
+    from data.collate import shared_prompt_layout
+
+    layout = shared_prompt_layout([[5, 6], [7]], [[10], [11, 12], [13, 14], []], PAD)
+    assert layout["shared_input_ids"].tolist() == [[5, 6, 10, 11, 12], [7, 13, 14, PAD, PAD]]
+    assert layout["shared_position_ids"][0].tolist() == [0, 1, 2, 2, 3]
+    assert layout["shared_position_ids"][1, :3].tolist() == [0, 1, 2]
+    S = 5  # rows of the collated batch: [5 6 10], [5 6 11 12], [7 13 14], [7]; T = 4
+    assert layout["shared_index"].tolist() == [[0, 1, 2, 0], [0, 1, 3, 4], [S, S + 1, S + 2, 0], [S, 0, 0, 0]]
+    mask = layout["shared_mask"][:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0],   # prompt 5
+                       [1, 1, 0, 0, 0],   # prompt 6
+                       [1, 1, 1, 0, 0],   # completion 1: the prompt and itself
+                       [1, 1, 0, 1, 0],   # completion 2: the prompt, not completion 1
+                       [1, 1, 0, 1, 1]]
+    assert mask[1] == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 1, 1, 0, 0],
+                       [0, 0, 0, 1, 0],   # padding sees itself only
+                       [0, 0, 0, 0, 1]]
+    with pytest.raises(ValueError, match="groups"):
+        shared_prompt_layout([[5], [6]], [[1], [2], [3]], PAD)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_shared_prompt_forward_equals_unshared(tiny_qwen2: Path, with_entropy: bool):
+    """A group's prompt computed once (one row [prompt, c_1 .. c_G], tree mask) gives the same log-probs, entropies
+    and parameter gradients as one row per completion, tied and untied LM heads."""
+    model = load_model(tiny_qwen2, torch.float32, "cpu")[0]
+    plain, shared = grouped_batch([6, 3, 9], [[4, 1, 7], [2, 5, 3], [1, 1, 6]])
+    upstream = torch.randn(plain["loss_mask"].shape, generator=torch.Generator().manual_seed(1))
+
+    def run(batch):
+        model.zero_grad(set_to_none=True)
+        out = sequence_logprobs(model, batch, chunk_size=5, with_entropy=with_entropy)
+        logps, entropy = out if with_entropy else (out, torch.zeros(()))
+        ((logps * upstream).sum() + (entropy * upstream.flip(1)).sum()).backward()
+        return logps.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logps, entropy, grads = run(plain)
+    s_logps, s_entropy, s_grads = run(shared)
+    assert shared["shared_input_ids"].numel() < plain["input_ids"].numel()
+    assert_close(s_logps, logps, 1e-5, "logps")
+    assert (s_logps[plain["loss_mask"] == 0] == 0).all()
+    assert_close(s_entropy, entropy, 1e-5, "entropy")
+    for name, g in grads.items():
+        assert_close(s_grads[name], g, 1e-5, f"grad of {name}")

@@ -87,6 +87,11 @@ def build_parser(description: str | None = None) -> Parser:
     g.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="sample among the k most likely tokens (>= 0; default 0: off)")
     g.add_argument("--mu", type=POSITIVE_INT, default=1, help="optimizer steps per rollout batch (>= 1; default 1); with "
                    "mu > 1 the old log-probs are computed once, before the batch's first update")
+    g.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="grpo: compute each group's prompt once in the training forward and backward, one row "
+                   "[prompt, c_1 .. c_G] with a tree attention mask (Prefix Grouper; data/collate.py's "
+                   "shared_prompt_layout): the same log-probs and gradients up to float summation order, about half "
+                   "the tokens with the lab's prompts (default: on for grpo; --no-share-prompt: a row per completion)")
     g.add_argument("--advantage", choices=ADVANTAGES, default="grpo",
                    help="group baseline: grpo (r - mean) / std, rloo leave-one-out mean, mean (Dr. GRPO); default grpo")
     g.add_argument("--loss-agg", choices=LOSS_AGGREGATIONS, default="token", help="token: mean over the step's "
@@ -247,6 +252,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         check_preference_flags(ap, args)
     if args.loss in ONLINE:
         check_rollout_flags(ap, args)
+    elif args.share_prompt is not None:
+        refuse(ap, "--share-prompt" if args.share_prompt else "--no-share-prompt", "applies only to --loss grpo "
+               "(groups of completions of one prompt); drop it.")
     elif args.beta == 0:
         refuse(ap, "--beta", f"0 is out of range for --loss {args.loss}; it must be > 0 (only grpo takes 0).")
     check_overlong_flags(ap, args)
@@ -452,7 +460,10 @@ def check_preference_flags(ap, args) -> None:
 
 
 def check_rollout_flags(ap, args) -> None:
-    """Flags that only make sense together (each flag's own range is checked by its declaration)."""
+    """Flags that only make sense together (each flag's own range is checked by its declaration). Fills
+    --share-prompt's default (on)."""
+    if args.share_prompt is None:
+        args.share_prompt = True
     if args.pack:
         refuse(ap, "--pack", "does not apply to --loss grpo (rollouts are batched by prompt); drop --pack.")
     if args.format_pattern is not None:

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from data.collate import collate
+from data.collate import collate, shared_prompt_layout
 from data.datasets import Example, prompt_turns, row_location
 from data.rewards import Completion
 from data.rewards import score as score_rewards
@@ -96,7 +96,9 @@ def advantages_and_keep(totals: list[float | None], truncated: list[bool], num_p
 def collate_groups(model, ref_model, prompts: Sequence[Example], completions: list[list[int]], advantages, keep,
                    tok, args, device: str, precision: Precision, ranks: distributed.Ranks) -> list[dict]:
     """Micro-batches of --batch-size prompts x G completions, only the completions trained, each with its advantage
-    and keep flag (N,), and where needed the old policy's (mu > 1) and the reference's (beta > 0) log-probs (B, T)."""
+    and keep flag (N,), and where needed the old policy's (mu > 1) and the reference's (beta > 0) log-probs (B, T).
+    With --share-prompt each micro-batch also carries its groups' shared-prompt layout, so every forward of it (old,
+    reference, training) computes a group's prompt once (data/collate.py's shared_prompt_layout)."""
     G = args.num_generations
     sequences = [Example(e.input_ids + c, [0] * len(e.input_ids) + [1] * len(c), index=k)
                  for k, (e, c) in enumerate(zip((e for e in prompts for _ in range(G)), completions))]
@@ -106,7 +108,11 @@ def collate_groups(model, ref_model, prompts: Sequence[Example], completions: li
     # step of an epoch) runs fewer of them, so they must issue no collective either.
     with distributed.gathered_for_generation(model, ranks) if args.mu > 1 else nullcontext():
         for s in range(0, len(sequences), per_batch):
-            batch = to_device(collate(sequences[s:s + per_batch], tok.pad_token_id), device)
+            batch = collate(sequences[s:s + per_batch], tok.pad_token_id)
+            if args.share_prompt:
+                group_prompts = [e.input_ids for e in prompts[s // G:(s + per_batch) // G]]
+                batch.update(shared_prompt_layout(group_prompts, completions[s:s + per_batch], tok.pad_token_id))
+            batch = to_device(batch, device)
             batch["advantages"] = advantages.flatten()[s:s + per_batch].to(device)  # (N,) in sequence_ids order
             batch["keep"] = keep.flatten()[s:s + per_batch].to(device)  # (N,)
             with precision.autocast():
