@@ -20,6 +20,10 @@ each stack: our kernel skips untrained positions, which would flatter us on chat
   decode     --prompts prompts x --samples samples (a GRPO step's rollouts), --new-tokens tokens each, sampled at
              temperature 1 with no stop token so every row runs the full length, bf16 weights: model.generate
              (shared prefill, our KV cache) vs the reference's `generate(do_sample=True)`.
+  grpo       our GRPO step on the same rollouts' shape: generation from the fp32 policy under autocast and the
+             training pass (one micro-batch, shared prompts, beta 0), each timed with its peak memory, and on CUDA
+             what is alive at the training pass's peak by category (the memory profiler, as
+             bench/memory_breakdown.py reads it on the CPU). bench/bench_grpo.py compares the step with TRL's.
 
 Figures: tokens/s (median of --steps timed steps after --warmup), MFU = tokens/s x FLOPs per token / the device's
 dense bf16 peak, with FLOPs per token = 6 x (matmul parameters, the LM head included) + 12 x layers x hidden x
@@ -102,7 +106,7 @@ def build_parser() -> Parser:
     ap.add_argument("--new-tokens", type=POSITIVE_INT, default=256, help="decode: tokens generated per sample")
     ap.add_argument("--peak-tflops", type=POSITIVE_FLOAT, default=None,
                     help="the device's dense bf16 peak in TFLOP/s (default: looked up by device name)")
-    ap.add_argument("--skip", nargs="*", choices=["ours", "reference", "trl", "decode"], default=[],
+    ap.add_argument("--skip", nargs="*", choices=["ours", "reference", "trl", "decode", "grpo"], default=[],
                     help="measurements to leave out")
     ap.add_argument("--json", type=output_file, default=None, help="also write the figures to this JSON file")
     return ap
@@ -297,6 +301,73 @@ def measure_decode(model_dir: Path, a) -> dict:
     return out
 
 
+def measure_grpo(model_dir: Path, a) -> dict:
+    """Our GRPO step at this shape, split as train.py's log splits it: generation (--prompts x --samples completions
+    of --new-tokens, sampled from the fp32 policy under the run's autocast, no stop token) and the training pass on
+    them (one micro-batch, each group's prompt computed once, random advantages, beta 0: forward, grpo loss,
+    backward, clip, fused AdamW), each timed (median) with its peak memory; then what is alive at the training
+    pass's peak by category (bench/memory_breakdown.py's reading of the memory profiler), on CUDA only."""
+    import torch
+    from types import SimpleNamespace
+
+    from bench.memory_breakdown import live_at_peak
+    from data.collate import collate, shared_prompt_layout
+    from data.datasets import Example
+    from losses.grpo import grpo_loss
+    from losses.logprobs import sequence_logprobs
+    from model import load_model
+    from model.generate import generate
+    from training.optim import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = [torch.randint(0, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
+    model = load_model(model_dir, torch.float32, a.device)[0].train()
+    model.gradient_checkpointing = a.grad_checkpointing
+    optimizer = make_optimizer(model, SimpleNamespace(weight_decay=0.0, lr=1e-6, adam_betas=(0.9, 0.999)), a.device)
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    completions: list = []
+
+    def rollout():
+        with torch.no_grad(), autocast(a.device):
+            completions[:] = generate(model, prompts, a.new_tokens, [], 1.0, generator=gen, num_samples=a.samples)
+
+    generate_s, generate_peak = timed(rollout, 1, max(1, a.steps // 2), a.device)
+    G = a.samples
+    batch = collate([Example(prompts[k // G] + c, [0] * a.prompt_len + [1] * len(c), index=k)
+                     for k, c in enumerate(completions)], pad_id=0)
+    batch.update(shared_prompt_layout(prompts, completions, pad_id=0))
+    batch["advantages"] = torch.randn(len(completions), generator=g)  # (N,)
+    batch["keep"] = torch.ones(len(completions))  # (N,)
+    batch = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    tokens = int(batch["loss_mask"].sum())
+
+    def step():
+        with autocast(a.device):
+            out = grpo_loss(sequence_logprobs(model, batch).float(), batch["loss_mask"], batch)
+        (out.loss_sum / out.count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_s, train_peak = timed(step, a.warmup, a.steps, a.device)
+    result = {"generate_s": generate_s, "generate_peak_gib": generate_peak, "train_s": train_s,
+              "train_peak_gib": train_peak, "completion_tokens": tokens,
+              "rows_shared": list(batch["shared_input_ids"].shape), "rows_unshared": list(batch["input_ids"].shape)}
+    if is_cuda(a.device):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], profile_memory=True,
+                     record_shapes=True, with_stack=True) as prof:
+            step()
+        peak, by_category, _ = live_at_peak(prof._memory_profile(), "cuda")
+        n_params = sum(p.numel() for p in model.parameters())
+        result["breakdown"] = {"peak_gib": peak / GIB, "floor_gib": 16 * n_params / GIB,
+                               "by_category_gib": {k: v / GIB for k, v in sorted(by_category.items())}}
+    del model, optimizer
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
     import torch
@@ -339,6 +410,10 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
         if "decode" not in a.skip:
             report["decode"] = measure_decode(model_dir, a)
+        if "grpo" not in a.skip:
+            report["grpo"] = measure_grpo(model_dir, a)
+            if cuda:
+                torch.cuda.empty_cache()
 
     layers = config["num_hidden_layers"]
     print(f"{name}, torch {torch.__version__}, {layers} layer{'s' if layers != 1 else ''}, {a.batch} x {a.seq_len} "
@@ -364,6 +439,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  decode {a.prompts} x {a.samples} x {a.new_tokens}: ours {d['ours']['tokens_per_s']:.0f} tokens/s, "
               f"reference {d['reference']['tokens_per_s']:.0f} tokens/s "
               f"({d['ours']['tokens_per_s'] / d['reference']['tokens_per_s']:.2f}x)")
+    if "grpo" in report:
+        r = report["grpo"]
+        memory = (f", peaks {r['generate_peak_gib']:.2f} / {r['train_peak_gib']:.2f} GiB"
+                  if r["train_peak_gib"] is not None else "")
+        print(f"  grpo {a.prompts} x {a.samples} x {a.new_tokens}: generation {r['generate_s']:.2f} s, training pass "
+              f"{r['train_s']:.2f} s{memory}")
+        if "breakdown" in r:
+            b = r["breakdown"]
+            print(f"  grpo training pass, live tensors at the peak {b['peak_gib']:.2f} GiB (floor {b['floor_gib']:.2f}): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in b["by_category_gib"].items()))
     if a.json:  # output_file accepted a path whose directories do not exist yet (runs/ on a fresh checkout)
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")

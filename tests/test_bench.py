@@ -41,6 +41,10 @@ def test_bench_gpu_smoke_runs_every_path_on_the_cpu(tmp_path):
     for stack in ("ours", "reference"):
         assert report["decode"][stack]["tokens_per_s"] > 0, report["decode"]
     assert "ours / reference:" in r.stdout and "decode 1 x 2 x 4:" in r.stdout, r.stdout
+    grpo = report["grpo"]
+    assert grpo["generate_s"] > 0 and grpo["train_s"] > 0 and grpo["completion_tokens"] == 2 * 4, grpo
+    assert grpo["rows_shared"] == [1, 8 + 2 * 4] and grpo["rows_unshared"] == [2, 8 + 4]  # the prompt once
+    assert "grpo 1 x 2 x 4:" in r.stdout, r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible, so the default device is accepted")
@@ -95,3 +99,20 @@ def test_memory_breakdown_finds_the_tensors_alive_at_the_peak():
     named = [made_by[key] for key, _ in at_peak if key in made_by]
     assert named and set(named) <= {"aten::add", "aten::mul", "aten::ones"}
     assert float(c.sum() + d.sum()) == 3 * 500 * 500
+
+
+def test_bench_grpo_ours_alone_reports_the_step_split(tmp_path):
+    """bench/bench_grpo.py with only our side (TRL is no test dependency) on the lab base model, 2 prompts x 2, 8
+    new tokens, 1 timed step at beta 0.04: the step is split into generation and the rest, memory over the floor is
+    positive, and the summary has no ratio without TRL."""
+    out = tmp_path / "grpo.json"
+    r = subprocess.run([sys.executable, "bench/bench_grpo.py", "--model", "data/lab_assets/base", "--prompts", "2",
+                        "--num-generations", "2", "--max-new-tokens", "8", "--steps", "1", "--betas", "0.04",
+                        "--runs", "ours", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["by_beta"]["0.04"]
+    ours = row["ours"]
+    assert 0 < ours["generate_s"] < ours["step_s"] and ours["rest_s"] > 0, ours
+    assert 0 < ours["completion_len"] <= 8 and ours["over_floor_gib"] > 0, ours
+    assert "throughput_ours_over_trl" not in row
