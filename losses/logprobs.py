@@ -46,17 +46,25 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             e = min(s + chunk_size, n)
             z = (hidden[s:e] @ w.T).to(math)  # (n, V)
             target = z.gather(1, targets[s:e, None]).squeeze(1)  # (n,)
-            if with_entropy:
-                lse[s:e] = torch.logsumexp(z, dim=-1)  # z is needed again below: one (n, V) temporary beside it
+            top = z.amax(dim=-1)  # (n,)
+            if with_entropy:  # z is needed again below: logsumexp's exp-and-sum in vocabulary blocks, (n, b) each
+                total = torch.zeros_like(top)  # (n,)
+                for v0 in range(0, z.shape[1], vocab_block):
+                    total += (z[:, v0:v0 + vocab_block] - top[:, None]).exp_().sum(-1)
+                lse[s:e] = total.log_().add_(top)
             else:  # torch.logsumexp's own arithmetic (max, exp of the difference, sum, log, + max) in z's buffer
-                top = z.amax(dim=-1)  # (n,)
                 lse[s:e] = z.sub_(top[:, None]).exp_().sum(-1).log_().add_(top)
             logps[s:e] = target - lse[s:e]
             if with_entropy:
                 logp = z.sub_(lse[s:e, None])  # (n, V) in place: z is not needed past the gather above
-                # -sum p log p, not lse - sum p z: the latter cancels two numbers of the size of the logits (~lse).
-                entropy[s:e] = -logp.exp().mul_(logp).sum(-1)
-                del logp
+                # -sum p log p, not lse - sum p z: the latter cancels two numbers of the size of the logits (~lse);
+                # in vocabulary blocks, so the temporary is (n, b), never a second (n, V)
+                h = torch.zeros_like(top)  # (n,)
+                for v0 in range(0, z.shape[1], vocab_block):
+                    block = logp[:, v0:v0 + vocab_block]
+                    h -= block.exp().mul_(block).sum(-1)
+                entropy[s:e] = h
+                del logp, block
             del z  # freed before the next chunk's (n, V) product is allocated: one chunk buffer alive, not two
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.chunk_size, ctx.with_entropy, ctx.vocab_block = chunk_size, with_entropy, vocab_block
