@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from model.qwen2 import TiedGradient
+from model.qwen2 import TiedGradient, add_rows_
 
 DEFAULT_CHUNK = 512  # tokens per chunk
 DEFAULT_VOCAB_BLOCK = 32768  # vocabulary columns per block in backward: 512 x 32768 fp32 = 64 MiB
@@ -133,6 +133,23 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
+class GatherRows(torch.autograd.Function):
+    """x[index] for a 2D x and a 1D index whose backward sums repeated rows deterministically (model.qwen2.add_rows_):
+    a group's last prompt position feeds the first token of each of its G completions."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)  # (n, C)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.rows, grad_out.shape[1])  # (R * S, C)
+        return add_rows_(grad, index, grad_out), None
+
+
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    chunk_size: int = DEFAULT_CHUNK, with_entropy: bool = False, tied_grad=None,
                    vocab_block: int = DEFAULT_VOCAB_BLOCK):
@@ -158,7 +175,7 @@ def sequence_logprobs(model, batch: dict, chunk_size: int = DEFAULT_CHUNK, with_
     if "shared_input_ids" in batch:  # groups sharing a prompt, computed once per group (data.collate.shared_prompt_layout)
         shared = model(batch["shared_input_ids"], position_ids=batch["shared_position_ids"],
                        attention_mask=batch["shared_mask"], return_hidden=True, tied_grad=tied)  # (R, S, C)
-        hidden = shared.flatten(0, 1)[batch["shared_index"][keep]]  # (n, C): backward sums into shared positions
+        hidden = GatherRows.apply(shared.flatten(0, 1), batch["shared_index"][keep])  # (n, C)
     else:
         hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"),
                        document_ids=batch.get("document_ids"), return_hidden=True, tied_grad=tied)[keep]  # (n, C)

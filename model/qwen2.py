@@ -268,15 +268,21 @@ class TiedEmbedding(torch.autograd.Function):
         math = torch.promote_types(ctx.weight_dtype, torch.float32)  # the kernel's: fp32, or fp64 for fp64 weights
         grad = tied.grad if tied.grad is not None else torch.zeros(ctx.weight_shape, dtype=math, device=grad_out.device)
         tied.grad = None
-        # Each token's row added in place, no (V, C) temporary, by the op that sums repeated tokens deterministically
-        # on the device (PyTorch's reproducibility notes: index_put_ with accumulate is not on CPU, index_add_ is not
-        # on CUDA). On CPU, index_add_ adds in the order of the ids, as the dense embedding backward does.
-        ids, rows = input_ids.reshape(-1), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype)
-        if grad.device.type == "cpu":
-            grad.index_add_(0, ids, rows)
-        else:
-            grad.index_put_((ids,), rows, accumulate=True)
+        # Each token's row added in place, no (V, C) temporary. On CPU, index_add_ adds in the order of the ids, as
+        # the dense embedding backward does.
+        add_rows_(grad, input_ids.reshape(-1), grad_out.reshape(-1, grad.shape[1]).to(grad.dtype))
         return None, grad.to(ctx.weight_dtype), None
+
+
+def add_rows_(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """target[index[i]] += rows[i] for every i, in place, repeated indices summed, by the op that does so
+    deterministically on the device (PyTorch's reproducibility notes: index_put_ with accumulate is not on CPU,
+    index_add_ is not on CUDA), so that a run repeats bit for bit. Autograd's own backward of x[index] is index_put_
+    with accumulate, which is not: the embedding here and losses/logprobs.py's gather of shared-prompt hidden states
+    use this instead."""
+    if target.device.type == "cpu":
+        return target.index_add_(0, index, rows)
+    return target.index_put_((index,), rows, accumulate=True)
 
 
 class Qwen2Model(nn.Module):

@@ -368,4 +368,9 @@ def test_grpo_with_demonstrations_two_ranks_equal_one_process(root, tiny_lab_mod
     ours, ref = rows_of(out), rows_of(one)
     assert all(r["sft_nll"] > 0 for r in ref)
     assert_same_steps(ours, ref, OBJECTIVES["grpo"][2] + ("rl_loss", "sft_nll"))
-    assert max_weight_diff(out / "final", one / "final") <= 1e-6
+    # One process sums its micro-batches' gradients as ((r1 + r2) + d1) + d2 (rollouts, then demonstrations), two
+    # ranks as (r1 + d1) + (r2 + d2): float order only, but AdamW's second step divides by the root of the squared
+    # gradients, so an element whose gradient nearly cancels moves by a visible fraction of lr (1e-3) on that noise.
+    # Measured with shared prompts: 2.5e-6 on one element of layer 0's o_proj, <= 3.2e-7 on every other; a wrong
+    # share or normaliser moves many elements by ~lr and changes the losses above.
+    assert max_weight_diff(out / "final", one / "final") <= 1e-5
