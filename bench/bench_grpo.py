@@ -71,7 +71,7 @@ def worker_ours(a) -> dict:
         "--batch-size", str(a.prompts), "--grad-accum", "1", "--num-generations", str(a.num_generations),
         "--max-new-tokens", str(a.max_new_tokens), "--temperature", "1.0", "--lr", str(a.lr), "--beta", str(a.beta),
         "--warmup-steps", "0", "--schedule", "constant", "--grad-clip", "1.0", "--weight-decay", "0",
-        "--reward", "accuracy", "--eval-every", "0", "--report-problems", "0", "--max-len", "1024"])
+        "--reward", "accuracy", "--eval-data", "", "--report-problems", "0", "--max-len", "1024"])  # no evals
     train.train(args)
     peak = peak_rss()
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
