@@ -19,7 +19,8 @@ RL (PPO, GRPO), and scores avg@16 at temperature 1.0. Here, from one lab SFT mod
        DFT    train.py --loss dft  on sft.jsonl       (paper 001's offline row)
        iw-SFT train.py --loss iw_sft on sft.jsonl     (its reference, the SFT model, generated the data: Table 3's row)
        DPO    train.py --loss dpo  on pairs.jsonl     (reference: the SFT model, beta --beta)
-       GRPO   train.py --loss grpo on lab:train:prompt (online: its lab defaults, accuracy reward)
+       GRPO   train.py --loss grpo on lab:train:prompt (online: --grpo-steps x --grpo-prompts x --num-generations
+                     at --grpo-lr, the lab's defaults otherwise, accuracy reward)
   4. Every final checkpoint and the SFT model: avg@k and pass@k at temperature 1.0, greedy accuracy, and the mean
      length of the sampled completions, on the first --eval-limit problems of lab:test, lab:test-hard and
      lab:test-ood.
@@ -163,7 +164,8 @@ def build_parser() -> Parser:
     ap.add_argument("--grpo-prompts", type=POSITIVE_INT, default=16, help="GRPO prompts per step, >= 1 (default 16)")
     ap.add_argument("--num-generations", type=Range(int, low=2), default=8,
                     help="samples per prompt, for GRPO's groups and for rejection sampling, >= 2 (default 8)")
-    ap.add_argument("--grpo-lr", type=POSITIVE_FLOAT, default=3e-4, help="GRPO learning rate (default 3e-4, its lab's)")
+    ap.add_argument("--grpo-lr", type=POSITIVE_FLOAT, default=3e-4,
+                    help="GRPO learning rate (default 3e-4, the lab's GRPO default when README's table was measured)")
     ap.add_argument("--rs-problems", type=POSITIVE_INT, default=None,
                     help="problems rejection-sampled (default: --grpo-steps x --grpo-prompts, GRPO's budget)")
     ap.add_argument("--max-pairs-per-problem", type=NON_NEGATIVE_INT, default=4,

@@ -5,7 +5,7 @@
 
 Paper 002 argues that RL on a learned reward invites reward hacking and that training RL together with SFT on
 demonstrations is the remedy. Here, per seed, from an SFT model of the lab base (train.py --loss sft, the quick
-start's budget), three GRPO runs of --steps steps, the lab's GRPO defaults otherwise (16 prompts x 8 samples a step):
+start's budget), three GRPO runs of --steps steps, 16 prompts x 8 samples a step at lr 3e-4, the lab's GRPO defaults otherwise:
   rm       rewarded by the lab's reward model (experiments/lab_reward_model.py); the rule accuracy of the same
            rollouts is logged beside it at weight 0, so every step has both the reward it optimises and the truth
   rule     rewarded by the rule accuracy (data/answers.py: the boxed answer checked against the problem's)
@@ -52,7 +52,8 @@ def arm_flags(arm: str, args, eval_file: Path) -> list[str]:
     learned = ["--reward", f"model:{args.reward_model}", "--reward", "accuracy:0"]
     rewards = ["--reward", "accuracy"] if arm == "rule" else learned
     hybrid = ["--sft-data", "lab", "--sft-coef", str(args.sft_coef)] if arm == "hybrid" else []
-    quick = ["--batch-size", "2", "--num-generations", "2"] if args.quick else []
+    # 16 prompts x 8 a step at lr 3e-4, as README's figures were measured (the lab's GRPO defaults then)
+    quick = ["--batch-size", "2", "--num-generations", "2"] if args.quick else ["--batch-size", "16", "--lr", "3e-4"]
     return ["--loss", "grpo", "--data", "lab:train:prompt", "--max-steps", str(args.steps), "--eval-data",
             str(eval_file), "--eval-every", str(args.eval_every), "--max-new-tokens", str(args.max_new_tokens),
             "--report-problems", "0", "--no-progress", *rewards, *hybrid, *quick]
