@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -44,19 +43,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import write_random_checkpoint  # noqa: E402
+from bench.common import GIB, peak_rss, write_random_checkpoint  # noqa: E402
+from bench.common import QWEN05B_CONFIG as CONFIG, QWEN05B_TOKENIZER as TOKENIZER  # noqa: E402
+from bench.common import SHARED  # noqa: E402
 from cli import POSITIVE_INT, Parser, Range  # noqa: E402
 
-SHARED = REPO_ROOT.parent / "shared"
-CONFIG = SHARED / "models" / "qwen2.5-0.5b" / "config.json"
-TOKENIZER = SHARED / "models" / "qwen2.5-0.5b-instruct"
 DATA = SHARED / "data" / "ultrafeedback" / "messages_500.jsonl"
 LR, BETA = 5e-5, 0.1
-GIB = 2**30
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def select_rows(tokenizer_dir: Path, n: int, max_len: int, out: Path) -> dict:

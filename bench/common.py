@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
+
+GIB = 2**30
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository
+QWEN05B_CONFIG = SHARED / "models" / "qwen2.5-0.5b" / "config.json"
+QWEN05B_TOKENIZER = SHARED / "models" / "qwen2.5-0.5b-instruct"
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_random_checkpoint(config_path: Path, layers: int | None, out_dir: Path) -> int:
