@@ -44,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.common import GIB, peak_rss, write_random_checkpoint  # noqa: E402
+from bench.common import GIB, peak_rss, trl_worker_inputs, write_random_checkpoint  # noqa: E402
 from bench.common import QWEN05B_CONFIG as CONFIG, QWEN05B_TOKENIZER as TOKENIZER  # noqa: E402
 from cli import NON_NEGATIVE_FLOAT, POSITIVE_INT, Parser, Range  # noqa: E402
 
@@ -78,19 +78,12 @@ def worker_ours(a) -> dict:
 
 
 def worker_trl(a) -> dict:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from data.rewards import accuracy
 
-    model = AutoModelForCausalLM.from_pretrained(a.ckpt, dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    tok = AutoTokenizer.from_pretrained(a.ckpt)
-    data = load_dataset("json", data_files=a.rows, split="train")
+    model, n_params, tok, data = trl_worker_inputs(a.ckpt, a.rows, a.threads)
     steps, generate, lengths, rewards = [], [], [], []
 
     def lab_accuracy(completions, answer, **_):  # the same checker as ours' --reward accuracy

@@ -34,3 +34,17 @@ def write_random_checkpoint(config_path: Path, layers: int | None, out_dir: Path
     model = Qwen2ForCausalLM(Qwen2Config(**raw)).float()
     model.save_pretrained(out_dir)
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def trl_worker_inputs(ckpt: str, rows: str, threads: int):
+    """What a benchmark's TRL worker starts from: torch on `threads` threads, the checkpoint as the reference
+    implementation's fp32 model, its tokenizer, and the rows as a `datasets` Dataset; returns (model, parameters,
+    tokenizer, dataset). Imports transformers and datasets only when called."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, n_params, AutoTokenizer.from_pretrained(ckpt), load_dataset("json", data_files=rows, split="train")
